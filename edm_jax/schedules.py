@@ -1,0 +1,330 @@
+"""Noise-level schedules: inference sigma grids and training sigma densities.
+
+Inference grids return ``n + 1`` values ending in 0, exactly as k-diffusion's
+``get_sigmas_*``; the EDM paper's time discretizations (Table 1) are ``edm``, ``vp``,
+``ve`` and ``iddpm``. Training densities take ``rng`` first and return sigmas of
+``shape``. Everything is jittable (``n`` and ``shape`` static).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _concrete(value) -> float | None:
+    """Python float of a concrete scalar, None if traced."""
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """Raise ValueError if a concrete `value` is not > 0 (or >= 0); traced values pass."""
+    v = _concrete(value)
+    if v is None:
+        return
+    if not (v >= 0 if allow_zero else v > 0) or math.isnan(v):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_steps(n) -> None:
+    """Raise ValueError unless `n` is an int >= 1."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (number of steps) must be an int >= 1, got {n!r}")
+
+
+def _check_range(sigma_min, sigma_max) -> None:
+    check_positive("sigma_min", sigma_min)
+    check_positive("sigma_max", sigma_max)
+    lo, hi = _concrete(sigma_min), _concrete(sigma_max)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"sigma_min ({sigma_min}) must be <= sigma_max ({sigma_max})")
+
+
+def _float_dtype():
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _append_zero(sigmas: Array) -> Array:
+    return jnp.concatenate([sigmas, jnp.zeros([1], sigmas.dtype)])
+
+
+def _ramp(n: int, start: float = 0.0, stop: float = 1.0) -> Array:
+    return jnp.linspace(start, stop, n, dtype=_float_dtype())
+
+
+# --------------------------------------------------------------------------- inference grids
+
+
+def karras(n: int, sigma_min, sigma_max, rho=7.0) -> Array:
+    """Karras et al. (2022) schedule, EDM eq. 5: (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho."""
+    check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    check_positive("rho", rho)
+    min_inv_rho = jnp.asarray(sigma_min, _float_dtype()) ** (1 / rho)
+    max_inv_rho = jnp.asarray(sigma_max, _float_dtype()) ** (1 / rho)
+    return _append_zero((max_inv_rho + _ramp(n) * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def edm(n: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> Array:
+    """EDM time discretization (Table 1, 'Ours'): the Karras schedule with EDM's defaults."""
+    return karras(n, sigma_min, sigma_max, rho)
+
+
+def exponential(n: int, sigma_min, sigma_max) -> Array:
+    """Exponential schedule: sigmas evenly spaced in log sigma."""
+    check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    log_max = jnp.log(jnp.asarray(sigma_max, _float_dtype()))
+    log_min = jnp.log(jnp.asarray(sigma_min, _float_dtype()))
+    return _append_zero(jnp.exp(log_max + _ramp(n) * (log_min - log_max)))
+
+
+def polyexponential(n: int, sigma_min, sigma_max, rho=1.0) -> Array:
+    """Polynomial in log sigma: exp(ramp^rho (log max - log min) + log min), ramp 1 -> 0."""
+    check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    check_positive("rho", rho)
+    log_max = jnp.log(jnp.asarray(sigma_max, _float_dtype()))
+    log_min = jnp.log(jnp.asarray(sigma_min, _float_dtype()))
+    ramp = _ramp(n, 1.0, 0.0) ** rho
+    return _append_zero(jnp.exp(ramp * (log_max - log_min) + log_min))
+
+
+def _vp_sigma(t, beta_d, beta_min):
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1)."""
+    return jnp.sqrt(jnp.exp(0.5 * beta_d * t**2 + beta_min * t) - 1)
+
+
+def vp(n: int, beta_d=19.9, beta_min=0.1, eps_s=1e-3, *, sigma_min=None, sigma_max=None) -> Array:
+    """Continuous VP schedule, t evenly spaced from 1 to eps_s (k-diffusion get_sigmas_vp).
+
+    With ``sigma_min``/``sigma_max`` given, beta_d and beta_min are derived from them as in
+    EDM's VP time discretization (Table 1 / the ablation sampler).
+    """
+    check_steps(n)
+    check_positive("eps_s", eps_s)
+    if (sigma_min is None) != (sigma_max is None):
+        raise ValueError("vp: give both sigma_min and sigma_max, or neither")
+    if sigma_min is not None:
+        _check_range(sigma_min, sigma_max)
+        beta_d, beta_min = vp_betas(sigma_min, sigma_max, eps_s)
+    else:
+        check_positive("beta_d", beta_d)
+        check_positive("beta_min", beta_min, allow_zero=True)
+    t = _ramp(n, 1.0, eps_s)
+    return _append_zero(_vp_sigma(t, beta_d, beta_min))
+
+
+def vp_betas(sigma_min, sigma_max, eps_s=1e-3) -> tuple:
+    """(beta_d, beta_min) putting sigma(eps_s) = sigma_min and sigma(1) = sigma_max."""
+    log_min = jnp.log(jnp.asarray(sigma_min, _float_dtype()) ** 2 + 1)
+    log_max = jnp.log(jnp.asarray(sigma_max, _float_dtype()) ** 2 + 1)
+    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    return beta_d, beta_min
+
+
+def ve(n: int, sigma_min=0.02, sigma_max=100.0) -> Array:
+    """VE time discretization (EDM Table 1): t_i = max^2 (min^2/max^2)^(i/(n-1)), sigma = sqrt(t)."""
+    check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    smin = jnp.asarray(sigma_min, _float_dtype())
+    smax = jnp.asarray(sigma_max, _float_dtype())
+    t = smax**2 * (smin**2 / smax**2) ** _ramp(n)
+    return _append_zero(jnp.sqrt(t))
+
+
+def linear(n: int, sigma_min, sigma_max) -> Array:
+    """Sigmas evenly spaced from sigma_max down to sigma_min."""
+    check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    smin = jnp.asarray(sigma_min, _float_dtype())
+    smax = jnp.asarray(sigma_max, _float_dtype())
+    return _append_zero(smax + _ramp(n) * (smin - smax))
+
+
+@functools.lru_cache(maxsize=16)
+def iddpm_u_table(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> np.ndarray:
+    """iDDPM noise levels u_0 > ... > u_M = 0 by EDM's recursion (Table 1, eq. in App. C.3.4).
+
+    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1),
+    alpha_bar(j) = sin(pi/2 * j / (M (C_2 + 1)))^2. Float64 numpy [M + 1].
+    """
+    if not isinstance(M, (int, np.integer)) or M < 1:
+        raise ValueError(f"M must be an int >= 1, got {M!r}")
+    check_positive("C_1", C_1)
+    j = np.arange(M + 1, dtype=np.float64)
+    alpha_bar = np.sin(0.5 * np.pi * j / M / (C_2 + 1)) ** 2
+    u = np.zeros(M + 1, dtype=np.float64)
+    for k in range(M, 0, -1):  # table construction, not a sampler loop
+        ratio = max(alpha_bar[k - 1] / alpha_bar[k], C_1)
+        u[k - 1] = math.sqrt((u[k] ** 2 + 1) / ratio - 1)
+    return u
+
+
+def iddpm(n: int, sigma_min=0.002, sigma_max=81.0, C_1=0.001, C_2=0.008, M=1000) -> Array:
+    """iDDPM time discretization (EDM Table 1): n of the u_j in [min, max], evenly by index."""
+    check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    u = jnp.asarray(iddpm_u_table(M, C_1, C_2), _float_dtype())
+    inside = (u >= sigma_min) & (u <= sigma_max)
+    first = jnp.argmax(inside)  # u decreases, so the kept u_j are contiguous
+    count = jnp.sum(inside)
+    step = (count - 1) / max(n - 1, 1)
+    idx = first + jnp.round(step * jnp.arange(n, dtype=_float_dtype())).astype(jnp.int32)
+    return _append_zero(u[idx])
+
+
+SCHEDULES: dict[str, Callable[..., Array]] = {
+    "karras": karras,
+    "edm": edm,
+    "exponential": exponential,
+    "polyexponential": polyexponential,
+    "vp": vp,
+    "ve": ve,
+    "iddpm": iddpm,
+    "linear": linear,
+}
+
+
+def get_sigmas(name: str, n: int, **kwargs) -> Array:
+    """The inference grid `name` with n steps (n + 1 values, the last 0)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
+    return SCHEDULES[name](n, **kwargs)
+
+
+# --------------------------------------------------------------------------- training densities
+
+Shape = Sequence[int]
+
+
+def _uniform(rng, shape, lo=0.0, hi=1.0):
+    return jax.random.uniform(rng, tuple(shape), _float_dtype(), lo, hi)
+
+
+def lognormal(rng: Array, shape: Shape, P_mean=-1.2, P_std=1.2) -> Array:
+    """EDM training density: ln(sigma) ~ N(P_mean, P_std^2) (EDM Table 1)."""
+    check_positive("P_std", P_std)
+    return jnp.exp(P_mean + P_std * jax.random.normal(rng, tuple(shape), _float_dtype()))
+
+
+def loglogistic(
+    rng: Array, shape: Shape, loc=0.0, scale=1.0, min_value=0.0, max_value=math.inf
+) -> Array:
+    """ln(sigma) ~ Logistic(loc, scale), optionally truncated to [min_value, max_value]."""
+    check_positive("scale", scale)
+    check_positive("min_value", min_value, allow_zero=True)
+    cdf = lambda v: jax.nn.sigmoid((jnp.log(jnp.asarray(v, _float_dtype())) - loc) / scale)  # noqa: E731
+    u = _uniform(rng, shape, 0.0, 1.0) * (cdf(max_value) - cdf(min_value)) + cdf(min_value)
+    return jnp.exp(jax.scipy.special.logit(u) * scale + loc)
+
+
+def loguniform(rng: Array, shape: Shape, min_value, max_value) -> Array:
+    """ln(sigma) ~ U(ln min_value, ln max_value)."""
+    _check_range(min_value, max_value)
+    return jnp.exp(_uniform(rng, shape, math.log(min_value), math.log(max_value)))
+
+
+def v_diffusion(
+    rng: Array, shape: Shape, sigma_data=1.0, min_value=0.0, max_value=math.inf
+) -> Array:
+    """Cosine (v-diffusion) density: atan(sigma/sigma_data) ~ U, truncated to [min, max]."""
+    check_positive("sigma_data", sigma_data)
+    min_cdf = math.atan(min_value / sigma_data) * 2 / math.pi
+    max_cdf = math.atan(max_value / sigma_data) * 2 / math.pi
+    u = _uniform(rng, shape, min_cdf, max_cdf)
+    return jnp.tan(u * math.pi / 2) * sigma_data
+
+
+def split_lognormal(rng: Array, shape: Shape, loc=0.0, scale_1=1.0, scale_2=1.0) -> Array:
+    """Split lognormal: ln(sigma) - loc is -|N| scale_1 w.p. s1/(s1+s2), else +|N| scale_2."""
+    check_positive("scale_1", scale_1)
+    check_positive("scale_2", scale_2)
+    k_n, k_u = jax.random.split(rng)
+    n = jnp.abs(jax.random.normal(k_n, tuple(shape), _float_dtype()))
+    u = _uniform(k_u, shape)
+    left = u < scale_1 / (scale_1 + scale_2)
+    return jnp.exp(jnp.where(left, loc - n * scale_1, loc + n * scale_2))
+
+
+def _logsnr_cosine(t, logsnr_min, logsnr_max):
+    t_min = math.atan(math.exp(-0.5 * logsnr_max))
+    t_max = math.atan(math.exp(-0.5 * logsnr_min))
+    return -2 * jnp.log(jnp.tan(t_min + t * (t_max - t_min)))
+
+
+def cosine_interpolated(
+    rng: Array,
+    shape: Shape,
+    image_d,
+    noise_d_low,
+    noise_d_high,
+    sigma_data=1.0,
+    min_value=1e-3,
+    max_value=1e3,
+) -> Array:
+    """Simple-diffusion's shifted cosine log-SNR, interpolated between two noise_d's in t."""
+    _check_range(min_value, max_value)
+    for name, v in (
+        ("image_d", image_d),
+        ("noise_d_low", noise_d_low),
+        ("noise_d_high", noise_d_high),
+    ):
+        check_positive(name, v)
+    logsnr_min = -2 * math.log(min_value / sigma_data)
+    logsnr_max = -2 * math.log(max_value / sigma_data)
+
+    def shifted(t, noise_d):
+        shift = 2 * math.log(noise_d / image_d)
+        return _logsnr_cosine(t, logsnr_min - shift, logsnr_max - shift) + shift
+
+    t = _uniform(rng, shape)
+    logsnr = (1 - t) * shifted(t, noise_d_low) + t * shifted(t, noise_d_high)
+    return jnp.exp(-logsnr / 2) * sigma_data
+
+
+def vp_uniform(rng: Array, shape: Shape, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5) -> Array:
+    """VP loss density: sigma(t) with t ~ U(epsilon_t, 1) (NVlabs/edm VPLoss)."""
+    check_positive("epsilon_t", epsilon_t)
+    t = 1 + _uniform(rng, shape) * (epsilon_t - 1)
+    return _vp_sigma(t, beta_d, beta_min)
+
+
+def ve_uniform(rng: Array, shape: Shape, sigma_min=0.02, sigma_max=100.0) -> Array:
+    """VE loss density: sigma = min (max/min)^u, u ~ U(0, 1) (NVlabs/edm VELoss)."""
+    _check_range(sigma_min, sigma_max)
+    return sigma_min * (sigma_max / sigma_min) ** _uniform(rng, shape)
+
+
+DENSITIES: dict[str, Callable[..., Array]] = {
+    "lognormal": lognormal,
+    "loglogistic": loglogistic,
+    "loguniform": loguniform,
+    "v_diffusion": v_diffusion,
+    "split_lognormal": split_lognormal,
+    "cosine_interpolated": cosine_interpolated,
+    "vp_uniform": vp_uniform,
+    "ve_uniform": ve_uniform,
+}
+
+
+def sample_sigmas(name: str, rng: Array, shape: Shape, **kwargs) -> Array:
+    """Draw training sigmas from the density `name`."""
+    if name not in DENSITIES:
+        raise ValueError(f"unknown sigma density {name!r}; valid: {sorted(DENSITIES)}")
+    return DENSITIES[name](rng, shape, **kwargs)
