@@ -50,7 +50,9 @@ def prepare(x: Array, sigmas: Array) -> tuple[Array, Array]:
         x = x.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
     sigmas = jnp.asarray(sigmas, x.dtype)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"sigmas must be a 1-D grid of at least 2 values ending in 0, got shape {sigmas.shape}")
+        raise ValueError(
+            f"sigmas must be a 1-D grid of at least 2 values ending in 0, got shape {sigmas.shape}"
+        )
     return x, sigmas
 
 
@@ -129,7 +131,9 @@ def resolve_noise(
     if noise_sampler is not None:
         return noise_sampler
     if rng is None:
-        raise ValueError(f"sampler {name!r} adds noise: pass rng=jax.random.key(seed) or noise_sampler=")
+        raise ValueError(
+            f"sampler {name!r} adds noise: pass rng=jax.random.key(seed) or noise_sampler="
+        )
     return default_noise_sampler(rng, x)
 
 
@@ -140,7 +144,9 @@ def resolve_brownian(
     if noise_sampler is not None:
         return noise_sampler
     if rng is None:
-        raise ValueError(f"sampler {name!r} adds noise: pass rng=jax.random.key(seed) or noise_sampler=")
+        raise ValueError(
+            f"sampler {name!r} adds noise: pass rng=jax.random.key(seed) or noise_sampler="
+        )
     positive = jnp.where(sigmas > 0, sigmas, jnp.inf)
     return brownian_noise_sampler(rng, x, jnp.min(positive), jnp.max(sigmas))
 

@@ -38,7 +38,11 @@ def _step2(denoise, x, t, t_next, eps, r1=0.5):
     s1 = t + r1 * h
     u1 = x - _sigma(s1) * jnp.expm1(r1 * h) * eps
     eps_r1 = _eps(denoise, u1, s1)
-    return x - _sigma(t_next) * jnp.expm1(h) * eps - _sigma(t_next) / (2 * r1) * jnp.expm1(h) * (eps_r1 - eps)
+    return (
+        x
+        - _sigma(t_next) * jnp.expm1(h) * eps
+        - _sigma(t_next) / (2 * r1) * jnp.expm1(h) * (eps_r1 - eps)
+    )
 
 
 def _step3(denoise, x, t, t_next, eps, r1=1 / 3, r2=2 / 3):
@@ -52,7 +56,11 @@ def _step3(denoise, x, t, t_next, eps, r1=1 / 3, r2=2 / 3):
         - _sigma(s2) * (r2 / r1) * (jnp.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps)
     )
     eps_r2 = _eps(denoise, u2, s2)
-    return x - _sigma(t_next) * jnp.expm1(h) * eps - _sigma(t_next) / r2 * (jnp.expm1(h) / h - 1) * (eps_r2 - eps)
+    return (
+        x
+        - _sigma(t_next) * jnp.expm1(h) * eps
+        - _sigma(t_next) / r2 * (jnp.expm1(h) / h - 1) * (eps_r2 - eps)
+    )
 
 
 _STEPS = {1: _step1, 2: _step2, 3: _step3}

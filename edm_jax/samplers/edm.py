@@ -49,12 +49,18 @@ def edm_sampler(
     steps = schedules.edm(num_steps, sigma_min, sigma_max, rho).astype(x0.dtype)[:-1]
     t_steps = jnp.concatenate([round_sigma(steps), jnp.zeros([1], x0.dtype)])
     x, t_steps = prepare(x0 * t_steps[0], t_steps)
-    noise = None if is_zero(S_churn) and noise_sampler is None else resolve_noise(noise_sampler, rng, x, "edm")
+    noise = (
+        None
+        if is_zero(S_churn) and noise_sampler is None
+        else resolve_noise(noise_sampler, rng, x, "edm")
+    )
 
     def step(x, i):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         if noise is not None:
-            gamma = jnp.where((S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
+            gamma = jnp.where(
+                (S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0
+            )
             t_hat = round_sigma(t_cur + gamma * t_cur)
             eps = noise(t_cur, t_hat) * S_noise
             x_hat = x + jnp.sqrt(jnp.maximum(t_hat**2 - t_cur**2, 0.0)) * eps
@@ -143,7 +149,9 @@ def _scaling_fns(scaling, sigma, sigma_deriv):
 def _ablation_grid(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M):
     """Noise levels of EDM Table 1's time discretizations (before round_sigma)."""
     if discretization == "vp":
-        return schedules.vp(num_steps, eps_s=epsilon_s, sigma_min=sigma_min, sigma_max=sigma_max)[:-1]
+        return schedules.vp(num_steps, eps_s=epsilon_s, sigma_min=sigma_min, sigma_max=sigma_max)[
+            :-1
+        ]
     if discretization == "ve":
         return schedules.ve(num_steps, sigma_min, sigma_max)[:-1]
     if discretization == "iddpm":
@@ -197,21 +205,31 @@ def ablation_sampler(
     lo, hi = _default_range(discretization, epsilon_s)
     sigma_min = max(lo if sigma_min is None else sigma_min, net_sigma_min)
     sigma_max = min(hi if sigma_max is None else sigma_max, net_sigma_max)
-    vp_beta_d = 2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+    vp_beta_d = (
+        2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+    )
     vp_beta_min = np.log(sigma_max**2 + 1) - 0.5 * vp_beta_d
 
     x0 = jnp.asarray(latents)
     x0, _ = prepare(x0, jnp.array([1.0, 0.0]))
-    sigma_steps = _ablation_grid(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M)
+    sigma_steps = _ablation_grid(
+        discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M
+    )
     sigma, sigma_deriv, sigma_inv = _schedule_fns(schedule, vp_beta_d, vp_beta_min)
     s, s_deriv = _scaling_fns(scaling, sigma, sigma_deriv)
     t_steps = sigma_inv(round_sigma(sigma_steps.astype(x0.dtype)))
     t_steps = jnp.concatenate([t_steps, jnp.zeros([1], x0.dtype)])
-    noise = None if is_zero(S_churn) and noise_sampler is None else resolve_noise(noise_sampler, rng, x0, "ablation")
+    noise = (
+        None
+        if is_zero(S_churn) and noise_sampler is None
+        else resolve_noise(noise_sampler, rng, x0, "ablation")
+    )
 
     def deriv(x, t):
         denoised = call(denoise, x / s(t), sigma(t))
-        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised
+        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(
+            t
+        ) * denoised
 
     def step(x, i):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
@@ -220,7 +238,9 @@ def ablation_sampler(
             gamma = jnp.where(in_range, min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
             t_hat = sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
             spread = jnp.sqrt(jnp.maximum(sigma(t_hat) ** 2 - sigma(t_cur) ** 2, 0.0))
-            x_hat = s(t_hat) / s(t_cur) * x + spread * s(t_hat) * S_noise * noise(sigma(t_cur), sigma(t_hat))
+            x_hat = s(t_hat) / s(t_cur) * x + spread * s(t_hat) * S_noise * noise(
+                sigma(t_cur), sigma(t_hat)
+            )
         else:
             t_hat, x_hat = t_cur, x
         h = t_next - t_hat

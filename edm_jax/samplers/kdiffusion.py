@@ -191,7 +191,9 @@ def lms_coefficients(sigmas: Array, i, order: int) -> Array:
     return jnp.stack(coeffs)
 
 
-def sample_lms(denoise, x, sigmas, *, order=4, return_trajectory=False, rng=None, noise_sampler=None):
+def sample_lms(
+    denoise, x, sigmas, *, order=4, return_trajectory=False, rng=None, noise_sampler=None
+):
     """Linear multistep (Adams-Bashforth in sigma) of any order, history in the scan carry."""
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"lms order must be an int >= 1, got {order!r}")
@@ -222,7 +224,15 @@ def _sigma(t):
 
 
 def sample_dpmpp_2s_ancestral(
-    denoise, x, sigmas, *, rng=None, noise_sampler=None, eta=1.0, s_noise=1.0, return_trajectory=False
+    denoise,
+    x,
+    sigmas,
+    *,
+    rng=None,
+    noise_sampler=None,
+    eta=1.0,
+    s_noise=1.0,
+    return_trajectory=False,
 ):
     """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
     x, sigmas = prepare(x, sigmas)
@@ -241,9 +251,7 @@ def sample_dpmpp_2s_ancestral(
         denoised = call(denoise, x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         euler = lambda: x + to_d(x, sigma, denoised) * (sigma_down - sigma)  # noqa: E731
-        x_new = jax.lax.cond(
-            sigma_down > 0, lambda: second(x, sigma, sigma_down, denoised), euler
-        )
+        x_new = jax.lax.cond(sigma_down > 0, lambda: second(x, sigma, sigma_down, denoised), euler)
         x_new = x_new + _noise_if(sigma_next > 0, noise, sigma, sigma_next, s_noise * sigma_up)
         return x_new, (x, denoised)
 
@@ -335,7 +343,9 @@ def sample_dpmpp_2m_sde(
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     x, sigmas = prepare(x, sigmas)
-    noise = None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_2m_sde")
+    noise = (
+        None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_2m_sde")
+    )
 
     def sde_step(x, i, sigma, sigma_next, denoised, old_denoised, h_last):
         h = _t(sigma_next) - _t(sigma)
@@ -346,7 +356,10 @@ def sample_dpmpp_2m_sde(
         corr = (phi / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * phi
         x = x + jnp.where(i > 0, corr / r, 0.0) * (denoised - old_denoised)
         if noise is not None:
-            x = x + noise(sigma, sigma_next) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
+            x = (
+                x
+                + noise(sigma, sigma_next) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
+            )
         return x, h
 
     def step(carry, i):
@@ -366,11 +379,21 @@ def sample_dpmpp_2m_sde(
 
 
 def sample_dpmpp_3m_sde(
-    denoise, x, sigmas, *, rng=None, noise_sampler=None, eta=1.0, s_noise=1.0, return_trajectory=False
+    denoise,
+    x,
+    sigmas,
+    *,
+    rng=None,
+    noise_sampler=None,
+    eta=1.0,
+    s_noise=1.0,
+    return_trajectory=False,
 ):
     """DPM-Solver++(3M) SDE: third-order multistep with Brownian-tree noise."""
     x, sigmas = prepare(x, sigmas)
-    noise = None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_3m_sde")
+    noise = (
+        None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_3m_sde")
+    )
 
     def sde_step(x, i, sigma, sigma_next, denoised, d_1, d_2, h_1, h_2):
         h = _t(sigma_next) - _t(sigma)
@@ -381,11 +404,19 @@ def sample_dpmpp_3m_sde(
         r0, r1 = h_1 / h, h_2 / h
         d1_0 = (denoised - d_1) / r0
         d1_1 = (d_1 - d_2) / r1
-        third = x + phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - phi_3 * (d1_0 - d1_1) / (r0 + r1)
+        third = (
+            x + phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - phi_3 * (d1_0 - d1_1) / (r0 + r1)
+        )
         second = x + phi_2 * d1_0
         x = jnp.where(i >= 2, third, jnp.where(i == 1, second, x))
         if noise is not None:
-            x = x + noise(sigma, sigma_next) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * h * eta)) * s_noise
+            x = (
+                x
+                + noise(sigma, sigma_next)
+                * sigma_next
+                * jnp.sqrt(-jnp.expm1(-2 * h * eta))
+                * s_noise
+            )
         return x, h
 
     def step(carry, i):

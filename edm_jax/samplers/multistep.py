@@ -23,7 +23,9 @@ _AB = (
 )
 
 
-def sample_ipndm(denoise, x, sigmas, *, order=4, return_trajectory=False, rng=None, noise_sampler=None):
+def sample_ipndm(
+    denoise, x, sigmas, *, order=4, return_trajectory=False, rng=None, noise_sampler=None
+):
     """Improved PNDM: Adams-Bashforth of order min(i + 1, order) on the EDM ODE (order <= 4)."""
     if order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm order must be 1, 2, 3 or 4, got {order!r}")
@@ -105,7 +107,11 @@ def sample_unipc(
         if lower_order_final and n - 1 < 10:
             k = jnp.maximum(jnp.minimum(k, n - 1 - i), 1)
         branches = [
-            (lambda kk: lambda: _unipc_update(denoise, x, models, lams, sigmas[i], sigmas[i + 1], kk))(kk)
+            (
+                lambda kk: (
+                    lambda: _unipc_update(denoise, x, models, lams, sigmas[i], sigmas[i + 1], kk)
+                )
+            )(kk)
             for kk in range(1, order + 1)
         ]
         x_new, model_new = jax.lax.switch(k - 1, branches)
