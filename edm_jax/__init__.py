@@ -1,21 +1,49 @@
-"""edm_jax: the EDM design space (Karras et al. 2022) in JAX/Flax."""
+"""edm_jax: the EDM design space (Karras et al. 2022) in JAX/Flax.
 
-from edm_jax import analytic, losses, precond, schedules
+Light modules are imported here; ``edm_jax.nets``, ``edm_jax.data`` and ``edm_jax.train``
+load on first access.
+"""
+
+import importlib
+
+from edm_jax import analytic, guidance, likelihood, losses, precond, samplers, schedules, wrappers
+from edm_jax.api import load, sample
+from edm_jax.likelihood import log_likelihood
 from edm_jax.losses import LOSSES, make_loss
 from edm_jax.precond import PRECONDS, get_precond, make_denoiser
+from edm_jax.samplers import SAMPLERS, get_sampler
 from edm_jax.schedules import SCHEDULES, get_sigmas
+
+_LAZY = ("nets", "data", "train")
+
+
+def __getattr__(name: str):
+    """Import the heavier subpackages on first use."""
+    if name in _LAZY:
+        return importlib.import_module(f"edm_jax.{name}")
+    raise AttributeError(f"module 'edm_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "LOSSES",
     "PRECONDS",
+    "SAMPLERS",
     "SCHEDULES",
     "analytic",
     "get_precond",
+    "get_sampler",
     "get_sigmas",
+    "guidance",
+    "likelihood",
+    "load",
+    "log_likelihood",
     "losses",
     "make_denoiser",
     "make_loss",
     "precond",
+    "sample",
+    "samplers",
     "schedules",
+    "wrappers",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,223 @@
+"""The training loop: build everything from a config, resume, train, log, sample, checkpoint.
+
+``train(config, workdir)`` validates the config against the devices and the data before
+anything is compiled, resumes from the newest readable checkpoint in ``workdir``, and
+returns a summary dict. SIGTERM (or ``stop_at_step``) saves a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from edm_jax.data.load import load_source
+from edm_jax.data.pipeline import make_pipeline, to_global
+from edm_jax.train import grid
+from edm_jax.train.checkpoint import Checkpointer, abstract_state
+from edm_jax.train.config_io import to_json
+from edm_jax.train.reporting import Reporter, summarize_rows
+from edm_jax.train.state import init_state, lr_schedule
+from edm_jax.train.step import batch_sharding, make_mesh, make_train_step, state_sharding
+from edm_jax.train.validate import build_model_from_config, validate_config, validate_data
+
+__all__ = ["Run", "setup", "total_steps", "train"]
+
+# The state initialisation runs once: compile it without LLVM's slow optimisations (same
+# values; on the CPU the ~100 random-init kernels otherwise take minutes to compile).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+    """Number of steps to reach train.total_kimg at train.batch_size."""
+    return math.ceil(config.train.total_kimg * 1000 / config.train.batch_size)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built and checked by setup()."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    model: Any
+    mesh: Any
+    state: Any
+    pipeline: Any
+    step_fn: Any
+    checkpointer: Checkpointer
+    resumed_from: int | None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temp file and os.replace."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) -> Run:
+    """Validate, build model/mesh/step, restore or initialise the state, position the data."""
+    devices = jax.devices() if devices is None else list(devices)
+    validate_config(config, len(devices))
+    source = load_source(config.data)
+    validate_data(config, source)
+    model = build_model_from_config(config, source)
+    mesh = make_mesh(devices)
+    init = functools.partial(init_state, model=model, config=config)
+    shape = jax.eval_shape(init, jax.random.key(0))
+    shardings = state_sharding(shape, mesh, config.train.fsdp, config.train.fsdp_min_size)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(
+        workdir, keep=config.log.keep_checkpoints, keep_period=config.log.keep_period_steps
+    )
+    restored = ckpt.restore_latest(abstract_state(shape, shardings))
+    pipeline = make_pipeline(
+        source, global_batch_size=config.train.batch_size, seed=config.seed,
+        num_workers=config.data.num_workers,
+    )  # fmt: skip
+    if restored is None:
+        key = jax.random.key(config.seed)
+        init_fn = jax.jit(init, out_shardings=shardings).lower(key).compile(FAST_COMPILE)
+        state = init_fn(key)
+    else:
+        state = restored[1]
+        pipeline.set_state(restored[2])
+    if jax.process_index() == 0:
+        _write_text_atomic(workdir / "config.json", to_json(config))
+    step_fn = make_train_step(model, config, mesh, shardings)
+    resumed = None if restored is None else restored[0]
+    return Run(config, workdir, model, mesh, state, pipeline, step_fn, ckpt, resumed)
+
+
+class _StopFlag:
+    """Set by SIGTERM (when installed from the main thread); restored on exit."""
+
+    def __init__(self):
+        self.set, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint state, data position and config at step (async)."""
+    run.checkpointer.save(step, run.state, run.pipeline.get_state(), to_json(run.config))
+
+
+def _maybe_grid(run: Run, sampler, step: int, prev_step: int | None) -> str | None:
+    """Sample a grid with the EMA params at a sample_every_kimg boundary (prev_step None: now)."""
+    every, bs = run.config.log.sample_every_kimg, run.config.train.batch_size
+    if sampler is None:
+        return None
+    if prev_step is not None and int(step * bs / 1000 / every) == int(
+        prev_step * bs / 1000 / every
+    ):
+        return None
+    images = jax.device_get(sampler(jax.random.key(run.config.log.sample_seed), run.state.ema))
+    cols = run.model.label_dim or run.config.log.sample_grid
+    path = run.workdir / "samples" / f"grid_{step:08d}.png"
+    if jax.process_index() == 0:  # every process samples (one global computation), one writes
+        grid.save_grid(path, np.asarray(images), cols)
+        grid.save_grid(run.workdir / "samples" / "latest.png", np.asarray(images), cols)
+    return str(path)
+
+
+def _make_sampler(run: Run):
+    """The grid sampler, or None when grids are off."""
+    if run.config.log.sample_every_kimg <= 0:
+        return None
+    cols = run.model.label_dim or run.config.log.sample_grid
+    n = cols * run.config.log.sample_grid
+    return grid.make_grid_sampler(run.model, n=n, steps=run.config.log.sample_steps)
+
+
+def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
+    """Average the pending per-step metrics, log them (raises on a non-finite loss)."""
+    if not pending:
+        return
+    rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+    cfg = run.config
+    lr = float(lr_schedule(cfg.optim.lr, cfg.optim.lr_rampup_kimg, cfg.train.batch_size)(
+        np.asarray(step - 1)))  # fmt: skip
+    reporter.log(step, summarize_rows(rows), lr)
+    pending.clear()
+
+
+def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | None) -> dict:
+    """Run steps until the end, SIGTERM or stop_at_step; returns the status info."""
+    cfg, total = run.config, total_steps(run.config)
+    step, pending, info = int(jax.device_get(run.state.step)), [], {"status": "finished"}
+    sampler, shard = _make_sampler(run), batch_sharding(run.mesh)
+    info["grid"] = _maybe_grid(run, sampler, step, None) if step == 0 else None
+    grid_step = step if info["grid"] else None
+    while step < total:
+        preempted = stop.set or run.checkpointer.reached_preemption(step)
+        if preempted or (stop_at_step is not None and step >= stop_at_step):
+            info["status"] = "stopped (SIGTERM)" if preempted else "stopped"
+            break
+        batch = to_global(next(run.pipeline), shard)
+        run.state, metrics = run.step_fn(run.state, batch)
+        step, pending = step + 1, pending + [metrics]
+        if step % cfg.log.log_every_steps == 0 or step == total:
+            _log(run, reporter, pending, step)
+        if step % cfg.log.checkpoint_every_steps == 0:
+            _save(run, step)
+        if path := _maybe_grid(run, sampler, step, step - 1):
+            info["grid"], grid_step = path, step
+    _log(run, reporter, pending, step)
+    if step not in run.checkpointer.all_steps() and step > 0:
+        _save(run, step)
+    if info["status"] == "finished" and grid_step != step:
+        info["grid"] = _maybe_grid(run, sampler, step, None) or info["grid"]
+    return info | {"step": step}
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    devices=None,
+    stop_at_step: int | None = None,
+    print_summary: bool = True,
+) -> dict:
+    """Train (or resume) per config in workdir; returns a summary (status, step, last metrics)."""
+    run = setup(config, workdir, devices)
+    reporter = Reporter(
+        run.workdir, total_steps=total_steps(config), start_step=int(jax.device_get(run.state.step)),
+        batch_size=config.train.batch_size, use_tqdm=config.log.tqdm,
+        use_tensorboard=config.log.tensorboard,
+    )  # fmt: skip
+    try:
+        with _StopFlag() as stop:
+            info = _loop(run, reporter, stop, stop_at_step)
+        run.checkpointer.wait()
+        info["checkpoint"] = str(run.checkpointer.directory)
+        info["params"] = run.model.num_params(jax.device_get(run.state.params))
+        text = reporter.summary(info)
+        if print_summary and jax.process_index() == 0:
+            print(text, flush=True)
+        return info | {"last": reporter.last, "resumed_from": run.resumed_from, "run": run}
+    finally:
+        reporter.close()
+        run.checkpointer.close()
+        run.pipeline.close()

@@ -1,0 +1,107 @@
+"""What a run shows: progress bar, stats.jsonl, TensorBoard scalars, the final summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+__all__ = ["NonFiniteLossError", "Reporter", "summarize_rows"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss became NaN or infinite."""
+
+
+def summarize_rows(rows: list[dict]) -> dict:
+    """Mean of each metric over per-step metric dicts (host numpy)."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+class Reporter:
+    """tqdm bar (kimg, loss, img/s, ETA), stats.jsonl and TensorBoard, on the primary host only."""
+
+    def __init__(self, workdir: Path, *, total_steps: int, start_step: int, batch_size: int,
+                 use_tqdm: bool = True, use_tensorboard: bool = True):  # fmt: skip
+        self.workdir, self.batch_size = Path(workdir), batch_size
+        self.total_steps, self.start_step = total_steps, start_step
+        self.primary = jax.process_index() == 0
+        self.t_start = self.t_last = time.time()
+        self.step_last, self.last = start_step, {}
+        self.bar = self._bar(use_tqdm)
+        self.tb = self._tensorboard(use_tensorboard)
+
+    def _bar(self, use_tqdm: bool):
+        if not (use_tqdm and self.primary):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True
+        )
+
+    def _tensorboard(self, use: bool):
+        if not (use and self.primary):
+            return None
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict, lr: float) -> dict:
+        """Record the metrics averaged since the last call; raise NonFiniteLossError on NaN/inf."""
+        now = time.time()
+        dt, dn = now - self.t_last, (step - self.step_last) * self.batch_size
+        row = {"step": step, "kimg": step * self.batch_size / 1000, **metrics, "lr": lr}
+        row |= {"img_per_s": dn / max(dt, 1e-9), "time_s": now - self.t_start}
+        self.t_last, self.step_last, self.last = now, step, row
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(
+                f"loss became {metrics['loss']} at step {step} ({row['kimg']:.1f} kimg); stopping."
+                " The last good checkpoint is kept; lower optim.lr, set optim.grad_clip or use "
+                "model.dtype='float32'."
+            )
+        if self.primary:
+            self._write(row)
+        return row
+
+    def _write(self, row: dict) -> None:
+        with open(self.workdir / "stats.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(kimg=f"{row['kimg']:.1f}", loss=f"{row['loss']:.4f}",
+                                 img_s=f"{row['img_per_s']:.0f}")  # fmt: skip
+            self.bar.update(row["step"] - self.bar.n)
+
+    def summary(self, info: dict) -> str:
+        """The one-screen summary printed at the end of a run."""
+        self.close()
+        last = self.last
+        lines = ["", "=" * 64, f"  training {info.get('status', 'finished')}: {self.workdir}"]
+        lines += [f"  steps        {info.get('step')} / {self.total_steps}"]
+        if last:
+            lines += [f"  kimg         {last['kimg']:.1f}", f"  loss (last)  {last['loss']:.4f}"]
+            lines += [f"  images/s     {last['img_per_s']:.1f}"]
+        lines += [f"  wall time    {time.time() - self.t_start:.0f} s"]
+        for k in ("checkpoint", "grid", "params"):
+            if info.get(k) is not None:
+                lines += [f"  {k:<12} {info[k]}"]
+        return "\n".join(lines + ["=" * 64])
+
+    def close(self) -> None:
+        """Close the bar and the TensorBoard writer."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

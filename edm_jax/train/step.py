@@ -1,0 +1,198 @@
+"""The sharded train step: one jax.jit over a Mesh of every device of every host.
+
+The global batch is sharded along the mesh's 'data' axis; the state is replicated, or
+FSDP-style sharded (each large array split along one axis over 'data'). Gradients are
+accumulated over micro-batches with lax.scan, averaged, made finite as EDM does
+(nan -> 0, +-inf -> +-1e5), then Adam and both EMAs are applied. The state is donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from edm_jax.data.augment import augment
+from edm_jax.losses import make_loss
+from edm_jax.train.state import (
+    TrainState,
+    edm_ema_beta,
+    ema_update,
+    make_optimizer,
+    power_ema_beta,
+    std_to_exp,
+)
+
+Array = jax.Array
+
+__all__ = ["batch_sharding", "make_mesh", "make_train_step", "state_sharding"]
+
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep conv/matmul outputs, recompute the rest
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def make_mesh(devices=None) -> Mesh:
+    """1-D Mesh named 'data' over the given devices (default: all devices of all hosts)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over 'data'."""
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def _fsdp_spec(shape: tuple, n: int, min_size: int) -> PartitionSpec:
+    """Split the largest axis divisible by n over 'data' if the array is large enough."""
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % n == 0:
+            return PartitionSpec(*[("data" if a == axis else None) for a in range(len(shape))])
+    return PartitionSpec()
+
+
+def state_sharding(state_shape: Any, mesh: Mesh, fsdp: bool = False, min_size: int = 2**18):
+    """NamedShardings for a TrainState (shape tree): replicated, or FSDP for large arrays."""
+    n = mesh.devices.size
+
+    def spec(x):
+        if not fsdp or x.ndim == 0:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, _fsdp_spec(tuple(x.shape), n, min_size))
+
+    return jax.tree.map(spec, state_shape)
+
+
+def _micro_batches(batch: dict, accum: int, mesh: Mesh) -> dict:
+    """[G, ...] -> [A, G/A, ...], micro-batch a = rows a, a+A, ...: each stays spread over devices."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, "data", *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def _denoiser(model, rng: Array, remat: str) -> Callable:
+    """denoise(params, x, sigma, **cond) in training mode with dropout key rng (and remat)."""
+
+    def denoise(params, x, sigma, **cond):
+        return model.denoise(params, x, sigma, train=True, rng=rng, **cond)
+
+    if remat in REMAT_POLICIES:
+        return jax.checkpoint(denoise, policy=REMAT_POLICIES[remat])
+    return denoise
+
+
+def _self_cond_denoiser(model, rng: Array, remat: str, prob: float) -> Callable:
+    """Analog Bits self-conditioning: on a fraction prob of steps, first estimate x0 (no grad)."""
+    k_coin, k_first, k_second = jax.random.split(rng, 3)
+
+    def denoise(params, x, sigma, **cond):
+        def estimate(_):
+            d = model.denoise(params, x, sigma, train=True, rng=k_first, **cond)
+            return jax.lax.stop_gradient(d)
+
+        use = jax.random.bernoulli(k_coin, prob)
+        sc = jax.lax.cond(use, estimate, lambda _: jnp.zeros_like(x), None)
+        inner = _denoiser(model, k_second, remat)
+        return inner(params, x, sigma, self_cond=sc, **cond)
+
+    return denoise
+
+
+def make_loss_fn(model, config: ml_collections.ConfigDict) -> Callable:
+    """loss_fn(rng, params, micro_batch) -> (loss, aux): augmentation, dropout, self-cond."""
+    kwargs = config.loss.kwargs.to_dict()
+
+    def loss_fn(rng, params, batch):
+        k_aug, k_drop, k_loss = jax.random.split(rng, 3)
+        batch = {"image": batch["image"], "label": batch["label"] if model.label_dim else None}
+        if config.train.augment_p > 0:
+            batch["image"], batch["augment_labels"] = augment(
+                k_aug, batch["image"], p=config.train.augment_p
+            )
+        if model.self_cond:
+            denoise = _self_cond_denoiser(
+                model, k_drop, config.train.remat, config.train.self_cond_prob
+            )
+        else:
+            denoise = _denoiser(model, k_drop, config.train.remat)
+        return make_loss(config.loss.name, denoise, **kwargs)(k_loss, params, batch)
+
+    return loss_fn
+
+
+def _accumulate_grads(loss_fn, params, batch, rng, accum, mesh):
+    """Mean loss and mean gradient over accum micro-batches (one lax.scan)."""
+    grad_fn = jax.value_and_grad(lambda p, k, b: loss_fn(k, p, b)[0])
+    if accum == 1:  # no loop: XLA:CPU runs convolutions inside a while loop far slower
+        return grad_fn(params, jax.random.split(rng, 1)[0], batch)
+    micro = _micro_batches(batch, accum, mesh)
+    keys = jax.random.split(rng, accum)
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        key, mb = xs
+        loss, grads = grad_fn(params, key, mb)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros([]), zeros), (keys, micro))
+    return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
+
+
+def _update_emas(state: TrainState, params, config, batch_size: int):
+    """EDM half-life EMA and EDM2 power EMAs after the step that began at state.step."""
+    nimg = state.step.astype(jnp.float32) * batch_size
+    beta = edm_ema_beta(nimg, batch_size, config.ema.halflife_kimg, config.ema.rampup_ratio)
+    ema = ema_update(state.ema, params, beta)
+    power = tuple(
+        ema_update(e, params, power_ema_beta(nimg + batch_size, batch_size, std_to_exp(s)))
+        for e, s in zip(state.power_ema, config.ema.power_stds, strict=True)
+    )
+    return ema, power, beta
+
+
+def train_step_fn(model, config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """The un-jitted step: (state, global batch) -> (state, metrics)."""
+    loss_fn = make_loss_fn(model, config)
+    batch_size, accum = config.train.batch_size, config.train.grad_accum
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        loss, grads = _accumulate_grads(loss_fn, state.params, batch, rng, accum, mesh)
+        grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+        tx = make_optimizer(config.optim, batch_size, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
+        ema, power, beta = _update_emas(state, params, config, batch_size)
+        new = state.replace(
+            step=state.step + 1, params=params, ema=ema, power_ema=power, opt_state=opt_state
+        )
+        grad_norm = jnp.sqrt(
+            sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))
+        )
+        return new, {"loss": loss, "grad_norm": grad_norm, "ema_beta": beta}
+
+    return step
+
+
+def make_train_step(model, config: ml_collections.ConfigDict, mesh: Mesh, shardings: Any):
+    """jax.jit of the step with state shardings in and out, batch on 'data', state donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        train_step_fn(model, config, mesh),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )

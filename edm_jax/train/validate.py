@@ -1,0 +1,135 @@
+"""Check a training config against the data, the devices and the registries before compiling.
+
+Every error is a ValueError that names the config key, the bad value and the valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import ml_collections
+
+from edm_jax.data.augment import augment_dim
+from edm_jax.data.load import SOURCES
+from edm_jax.losses import LOSSES
+from edm_jax.nets.model import DiffusionModel
+from edm_jax.nets.presets import (
+    ARCHITECTURES,
+    DTYPES,
+    PRESETS,
+    build_model,
+    net_fields,
+    resolve_arch,
+)
+from edm_jax.precond import PRECONDS
+
+__all__ = ["REMAT", "build_model_from_config", "validate_config", "validate_data"]
+
+REMAT = ("none", "dots", "full")
+
+
+def _choice(key: str, value, valid) -> None:
+    """Raise ValueError naming key unless value is one of valid."""
+    if value not in valid:
+        raise ValueError(f"config.{key}={value!r} is not valid; valid: {sorted(valid)}")
+
+
+def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
+    """Raise ValueError naming the first key whose value is not > 0 (or >= 0)."""
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
+        if not ok or isinstance(value, bool):
+            sign = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"config.{key} must be a number {sign}, got {value!r}")
+
+
+def _check_net(config: ml_collections.ConfigDict) -> None:
+    """Architecture, network overrides, precond, dtype, loss and its options exist."""
+    _choice("model.arch", config.model.arch, [*PRESETS, *ARCHITECTURES])
+    net_cls, _ = resolve_arch(config.model.arch)
+    for key in config.model.net.keys():
+        _choice(f"model.net.{key}", key, net_fields(net_cls))
+    _choice("model.precond", config.model.precond, PRECONDS)
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    _choice("loss.name", config.loss.name, LOSSES)
+    options = set(inspect.signature(LOSSES[config.loss.name]).parameters) - {"rng", "params"}
+    for key in config.loss.kwargs.keys():
+        _choice(f"loss.kwargs.{key}", key, options - {"batch", "denoise"})
+    _choice("train.remat", config.train.remat, REMAT)
+    _choice("data.name", config.data.name, SOURCES)
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Check names, numbers and the batch split over devices; no data is read."""
+    _check_net(config)
+    _positive(config, "train.batch_size", "train.grad_accum", "train.total_kimg", "optim.lr")
+    _positive(config, "log.log_every_steps", "log.checkpoint_every_steps", "log.sample_grid")
+    _positive(config, "log.keep_checkpoints", "log.sample_steps")
+    _positive(
+        config, "optim.lr_rampup_kimg", "ema.halflife_kimg", "ema.rampup_ratio", allow_zero=True
+    )
+    _positive(config, "train.augment_p", "log.sample_every_kimg", allow_zero=True)
+    if config.train.augment_p > 1:
+        raise ValueError(f"config.train.augment_p must be in [0, 1], got {config.train.augment_p}")
+    for std in config.ema.power_stds:
+        if not 0 < std < 0.289:  # the profile std of exponent gamma -> 0 is 1/sqrt(12)
+            raise ValueError(f"config.ema.power_stds entries must be in (0, 0.289), got {std}")
+    b, a = config.train.batch_size, config.train.grad_accum
+    if b % (a * num_devices):
+        raise ValueError(
+            f"config.train.batch_size={b} must be divisible by train.grad_accum={a} x "
+            f"{num_devices} devices (each device takes an equal part of each micro-batch)"
+        )
+    if config.log.checkpoint_every_steps % config.log.log_every_steps:
+        raise ValueError(
+            f"config.log.checkpoint_every_steps={config.log.checkpoint_every_steps} must be "
+            f"a multiple of log.log_every_steps={config.log.log_every_steps} "
+            "(losses are checked for non-finite values before every save)"
+        )
+
+
+def validate_data(config: ml_collections.ConfigDict, source) -> None:
+    """The model resolution/channels match the data and the U-Net levels divide it."""
+    res, want = source.resolution, config.data.resolution
+    if res != want:
+        raise ValueError(f"config.data.resolution={want} but the data source is {res}x{res}")
+    if source.channels != config.data.channels:
+        raise ValueError(
+            f"config.data.channels={config.data.channels} but the data has {source.channels}"
+        )
+    if config.model.img_resolution not in (0, res):
+        raise ValueError(
+            f"config.model.img_resolution={config.model.img_resolution} does not match the "
+            f"data resolution {res} (config.data.resolution); set it to 0 or {res}"
+        )
+    if config.data.use_labels and not source.num_classes:
+        raise ValueError("config.data.use_labels=True but the data source has no labels")
+    net_cls, fields = resolve_arch(config.model.arch)
+    mult = tuple(config.model.net.get("channel_mult", fields.get("channel_mult", (1,))))
+    r = res // config.model.patch_size
+    if r % (1 << (len(mult) - 1)) or res % config.model.patch_size:
+        raise ValueError(
+            f"config.data.resolution={res} (patch_size {config.model.patch_size}) is not "
+            f"divisible by 2^{len(mult) - 1} for config.model.net.channel_mult={mult}"
+        )
+
+
+def build_model_from_config(config: ml_collections.ConfigDict, source) -> DiffusionModel:
+    """The DiffusionModel of config.model for this data source (labels, augment labels)."""
+    label_dim = source.num_classes if config.data.use_labels else 0
+    aug_dim = augment_dim() if config.train.augment_p > 0 else 0
+    return build_model(
+        config.model.arch,
+        precond=config.model.precond,
+        img_resolution=source.resolution,
+        img_channels=source.channels,
+        label_dim=label_dim,
+        augment_dim=aug_dim,
+        dtype=config.model.dtype,
+        self_cond=config.model.self_cond,
+        patch_size=config.model.patch_size,
+        precond_kwargs=config.model.precond_kwargs.to_dict(),
+        **config.model.net.to_dict(),
+    )

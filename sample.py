@@ -1,0 +1,128 @@
+"""Generate images from a trained model: one PNG per seed, a grid PNG and an .npz.
+
+python sample.py --workdir runs/cifar --seeds 0-63 --sampler heun --steps 18 --outdir out
+python sample.py --reference-npz edm-cifar10-32x32-cond-vp.npz --class 3 --outdir out
+python sample.py --list-samplers
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10] (as NVlabs/edm generate.py)."""
+    seeds = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise argparse.ArgumentTypeError(
+                f"bad seed list {text!r}: expected e.g. '0-63' or '1,5,7-9'"
+            )
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"bad seed range {part!r}: end before start")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--workdir", help="training workdir (latest checkpoint, EMA params)")
+    src.add_argument("--checkpoint", help="one checkpoint directory of a training run")
+    src.add_argument("--reference-npz", help="NVlabs/edm state_dict exported to .npz (converted)")
+    p.add_argument("--sampler", default="heun", help="sampler name (see --list-samplers)")
+    p.add_argument("--steps", type=int, default=18, help="number of sampling steps")
+    p.add_argument("--sigma-min", type=float, default=0.002)
+    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--rho", type=float, default=7.0)
+    p.add_argument(
+        "--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-63 or 1,5,7-9"
+    )
+    p.add_argument("--batch", type=int, default=64, help="images per batch")
+    p.add_argument(
+        "--class", dest="class_idx", type=int, default=None, help="class label [default: random]"
+    )
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument(
+        "--outdir", default="samples", help="where to write PNGs, grid.png and samples.npz"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--list-samplers", action="store_true", help="print the sampler names and exit")
+    args = p.parse_args(argv)
+    if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
+        p.error("one of --workdir, --checkpoint or --reference-npz is required")
+    return args
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(file_object) into a temp file beside path, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_outputs(outdir: Path, images: np.ndarray, seeds, labels) -> None:
+    """One PNG per seed, grid.png and samples.npz (uint8 images, seeds, labels)."""
+    from PIL import Image
+
+    from edm_jax.api import image_grid, to_uint8
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images)  # [N,H,W,C]
+    for seed, img in zip(seeds, pixels, strict=True):
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        _atomic_write(outdir / f"{seed:06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
+    grid = image_grid(pixels)
+    grid_pil = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    _atomic_write(outdir / "grid.png", lambda f: grid_pil.save(f, format="PNG"))
+    extra = {} if labels is None else {"labels": np.asarray(labels)}
+    _atomic_write(
+        outdir / "samples.npz",
+        lambda f: np.savez(f, images=pixels, seeds=np.asarray(seeds), **extra),
+    )
+
+
+def main(argv=None) -> int:
+    """Entry point."""
+    args = parse_args(argv)
+    from edm_jax import api
+
+    if args.list_samplers:
+        print("\n".join(api.sampler_names()))
+        return 0
+    api.check_sample_args(sampler=args.sampler, num_steps=args.steps, batch_size=args.batch)
+    model, params, _ = api.load(args.workdir or args.checkpoint or args.reference_npz)
+    import jax
+
+    rng = jax.random.key(0)
+    labels = api.class_labels(rng, model, args.seeds, args.class_idx)  # validates --class
+    images = api.sample(
+        rng, params, model, seeds=args.seeds, sampler=args.sampler,
+        num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+        labels=labels, cfg_scale=args.cfg_scale, batch_size=args.batch,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    write_outputs(Path(args.outdir), images, args.seeds, labels)
+    print(f"wrote {len(args.seeds)} images, grid.png and samples.npz to {args.outdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
