@@ -1,6 +1,7 @@
 """Per-step overhead of every sampler (trivial denoiser) and steps/s with a small conv net.
 
 Prints JSON. Usage: python benchmarks/bench_samplers.py [--steps 50] [--repeats 5]
+A step is one scan iteration (an attempted step for dpm_adaptive, an evaluation for dpm_fast).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import jax.numpy as jnp
 
 from edm_jax import samplers, schedules
 
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
 
 class SmallConvNet(nn.Module):
-    """A 3-layer conv denoiser stand-in (about 40k parameters)."""
+    """A 3-layer conv denoiser stand-in (about 10k parameters)."""
 
     @nn.compact
     def __call__(self, x, sigma):
@@ -26,24 +29,35 @@ class SmallConvNet(nn.Module):
         return x + nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
 
 
-def _run_fn(name, denoise, x, sigmas, steps):
-    fn = samplers.SAMPLERS[name]
+def _program(name, denoise, sigmas, steps):
+    """(jitted x -> (x, step count)) for sampler `name`."""
     rng = jax.random.key(0)
-    if name == "dpm_fast":
-        return jax.jit(lambda x: fn(denoise, x, 0.002, 80.0, steps))
+    if name == "edm_sampler":
+        fn = lambda x: samplers.edm_sampler(denoise, x / SIGMA_MAX, num_steps=steps)  # noqa: E731
+    elif name == "dpm_fast":
+        fn = lambda x: samplers.sample_dpm_fast(denoise, x, SIGMA_MIN, SIGMA_MAX, steps)  # noqa: E731
+    elif name == "dpm_adaptive":
+        fn = lambda x: samplers.sample_dpm_adaptive(  # noqa: E731
+            denoise, x, SIGMA_MIN, SIGMA_MAX, return_info=True
+        )
+    else:
+        fn = lambda x: samplers.SAMPLERS[name](denoise, x, sigmas, rng=rng)  # noqa: E731
     if name == "dpm_adaptive":
-        return jax.jit(lambda x: fn(denoise, x, 0.002, 80.0, rtol=0.05, atol=0.0078))
-    return jax.jit(lambda x: fn(denoise, x, sigmas, rng=rng))
+        return jax.jit(lambda x: (lambda out: (out[0], out[1]["steps"]))(fn(x)))
+    return jax.jit(lambda x: (fn(x), jnp.asarray(steps)))
 
 
 def _time(f, x, repeats):
-    jax.block_until_ready(f(x))
+    """(compile + first run seconds, best run seconds, step count)."""
+    t0 = time.perf_counter()
+    _, n = jax.block_until_ready(f(x))
+    first = time.perf_counter() - t0
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(f(x))
         best = min(best, time.perf_counter() - t0)
-    return best
+    return first, best, int(n)
 
 
 def main() -> None:
@@ -52,25 +66,29 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--conv-batch", type=int, default=8)
+    p.add_argument("--only", nargs="*", default=None, help="sampler names (default: all)")
     args = p.parse_args()
-    sigmas = schedules.karras(args.steps, 0.002, 80.0)
-    x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3)) * 80.0
+    sigmas = schedules.karras(args.steps, SIGMA_MIN, SIGMA_MAX)
+    x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3)) * SIGMA_MAX
     trivial = lambda x, sigma: x * 0.5  # noqa: E731
     net = SmallConvNet()
-    xc = jax.random.normal(jax.random.key(2), (args.conv_batch, 32, 32, 3)) * 80.0
+    xc = jax.random.normal(jax.random.key(2), (args.conv_batch, 32, 32, 3)) * SIGMA_MAX
     params = net.init(jax.random.key(3), xc, jnp.ones(args.conv_batch))
     conv = lambda x, sigma: net.apply(params, x, sigma)  # noqa: E731
     rows = {}
-    for name in sorted(samplers.SAMPLERS):
-        t_triv = _time(_run_fn(name, trivial, x, sigmas, args.steps), x, args.repeats)
-        t_conv = _time(_run_fn(name, conv, xc, sigmas, args.steps), xc, args.repeats)
+    for name in args.only or sorted(samplers.SAMPLERS) + ["edm_sampler"]:
+        compile_s, t_triv, n = _time(_program(name, trivial, sigmas, args.steps), x, args.repeats)
+        _, t_conv, n_conv = _time(_program(name, conv, sigmas, args.steps), xc, args.repeats)
         rows[name] = {
-            "ms_per_step_trivial": round(1e3 * t_triv / args.steps, 4),
-            "steps_per_s_conv": round(args.steps / t_conv, 1),
+            "ms_per_step_trivial": round(1e3 * t_triv / n, 4),
+            "steps": n,
+            "compile_s": round(compile_s, 2),
+            "steps_per_s_conv": round(n_conv / t_conv, 1),
         }
     print(json.dumps({"benchmark": "samplers", "backend": jax.default_backend(),
                       "device": str(jax.devices()[0]), "steps": args.steps,
-                      "conv_batch": args.conv_batch, "results": rows}))  # fmt: skip
+                      "image": [1, 32, 32, 3], "conv_batch": args.conv_batch,
+                      "results": rows}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_stochastic_moments(name):
     assert abs(out.std() - STD) < 0.05 * STD + 5 * STD / np.sqrt(2 * n)
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "heun_sde"])
+@pytest.mark.parametrize("name", ["euler_ancestral", "heun_sde"])
 def test_batch_invariance(name):
     x = 80.0 * jax.random.normal(jax.random.key(3), (64, 4, 4, 1))
     sigmas = schedules.karras(10, 0.002, 80.0)
@@ -80,13 +80,21 @@ def test_batch_invariance(name):
     assert not np.allclose(big[0], big[1])
 
 
-def test_brownian_noise_is_the_same_path_at_any_step_count(x64):
-    """W(a) - W(b) from the tree equals the sum of its increments over a finer split."""
-    x = jnp.zeros((3, 2))
-    ns = samplers.brownian_noise_sampler(jax.random.key(5), x, 0.01, 10.0)
-    whole = ns(4.0, 1.0) * np.sqrt(3.0)
-    parts = ns(4.0, 2.0) * np.sqrt(2.0) + ns(2.0, 1.0) * 1.0
-    np.testing.assert_allclose(whole, parts, atol=1e-5)
+def test_brownian_noise_is_one_brownian_path():
+    """Increments are N(0, 1), disjoint ones independent, and all read one path W(sigma)."""
+    n = 4000
+    ns = jax.jit(samplers.brownian_noise_sampler(jax.random.key(6), jnp.zeros((n, 1)), 0.002, 80.0))
+    tol = 5 / np.sqrt(n)
+    for a, b in [(4.0, 1.0), (80.0, 79.0), (0.0021, 0.002), (0.5, 0.4999)]:
+        z = np.asarray(ns(a, b)).ravel()
+        assert abs(z.mean()) < tol and abs(z.var() - 1) < 2 * np.sqrt(2) * tol, (a, b)
+    whole, upper, lower = (np.asarray(ns(a, b)).ravel() for a, b in [(4, 1), (4, 2), (2, 1)])
+    assert abs(np.corrcoef(upper, lower)[0, 1]) < tol
+    # W(4) - W(1) = (W(4) - W(2)) + (W(2) - W(1)) sample by sample: the same path at any steps
+    np.testing.assert_allclose(whole * np.sqrt(3), upper * np.sqrt(2) + lower, atol=2e-5)
+    # keyed per sample: the first sample's path is the same in a batch of 1
+    alone = samplers.brownian_noise_sampler(jax.random.key(6), jnp.zeros((1, 1)), 0.002, 80.0)
+    np.testing.assert_allclose(jax.jit(alone)(4.0, 1.0)[0], whole[:1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["heun", "lms", "dpmpp_2m", "unipc", "euler_ancestral"])
@@ -107,16 +115,34 @@ def test_grad_through_sampler(name, x64):
     x = 20.0 * jax.random.normal(jax.random.key(8), (3, 2), jnp.float64)
     sigmas = schedules.karras(6, 0.01, 20.0)
 
+    @jax.jit
     def total(mean):
         out = samplers.SAMPLERS[name](
             analytic.gaussian_denoiser(mean, STD), x, sigmas, rng=jax.random.key(9)
         )
         return jnp.sum(out)
 
-    g = jax.grad(total)(0.3)
+    g = jax.jit(jax.grad(total))(0.3)
     fd = (total(0.3 + 1e-5) - total(0.3 - 1e-5)) / 2e-5
     assert np.isfinite(float(g))
     np.testing.assert_allclose(g, fd, rtol=1e-5)
+
+
+def test_edm_sampler_churn_matches_heun_churn(x64):
+    """EDM Algorithm 2 (edm_sampler) is k-diffusion's Heun with churn on the EDM grid."""
+    latents = jax.random.normal(jax.random.key(11), (3, 2), jnp.float64)
+    denoise = analytic.gaussian_denoiser(MEAN, STD)
+    noise = lambda s, s_hat: jnp.sin(jnp.arange(6.0).reshape(3, 2) + jnp.log(s * s_hat))  # noqa: E731
+    churn = {"S_churn": 30.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+    edm = samplers.edm_sampler(denoise, latents, num_steps=8, noise_sampler=noise, **churn)
+    sigmas = schedules.karras(8, 0.002, 80.0)
+    heun = samplers.sample_heun(
+        denoise, latents * 80.0, sigmas, noise_sampler=noise,
+        **{k.lower().replace("s_min", "s_tmin").replace("s_max", "s_tmax"): v
+           for k, v in churn.items()},
+    )  # fmt: skip
+    np.testing.assert_allclose(edm, heun, rtol=1e-9, atol=1e-9)  # rounding, amplified by churn
+    assert not np.allclose(edm, samplers.edm_sampler(denoise, latents, num_steps=8))
 
 
 def test_trajectory_outputs():

@@ -8,12 +8,7 @@ sigma_max)``, as in k-diffusion.
 
 from collections.abc import Callable
 
-from edm_jax.samplers.core import (
-    ancestral_step,
-    brownian_noise_sampler,
-    default_noise_sampler,
-    to_d,
-)
+from edm_jax.samplers.core import ancestral_step, to_d
 from edm_jax.samplers.dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from edm_jax.samplers.edm import ablation_sampler, edm_sampler, sample_heun_sde
 from edm_jax.samplers.kdiffusion import (
@@ -31,6 +26,7 @@ from edm_jax.samplers.kdiffusion import (
     sample_lms,
 )
 from edm_jax.samplers.multistep import sample_ipndm, sample_unipc
+from edm_jax.samplers.noise import brownian_noise_sampler, default_noise_sampler
 
 SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,

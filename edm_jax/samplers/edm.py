@@ -8,6 +8,7 @@ grid is built inside from ``num_steps, sigma_min, sigma_max, rho``. ``round_sigm
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -15,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from edm_jax import schedules
-from edm_jax.samplers.core import call, finish, is_zero, prepare, resolve_noise, scan_steps
+from edm_jax.samplers.core import call, finish, is_zero, prepare, scan_steps
 from edm_jax.samplers.kdiffusion import sample_heun
+from edm_jax.samplers.noise import resolve_noise
 
 Array = jax.Array
 INF = float("inf")
@@ -24,6 +26,38 @@ INF = float("inf")
 
 def _identity(sigma):
     return sigma
+
+
+def _spread(gamma, sigma_hat, sigma):
+    """sqrt(sigma_hat^2 - sigma^2), exactly 0 when gamma = 0 (no FMA residue there)."""
+    var = jnp.where(gamma > 0, jnp.maximum(sigma_hat**2 - sigma**2, 0.0), 1.0)
+    return jnp.where(gamma > 0, jnp.sqrt(var), 0.0)
+
+
+def _edm_step(denoise, t_steps, noise, churn: dict, num_steps, round_sigma):
+    """EDM Algorithm 2, one step: churn (lines 4-6), Euler (7-8), Heun correction (9-11)."""
+    gamma_max = min(churn["S_churn"] / num_steps, math.sqrt(2) - 1)
+
+    def step(x, i):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        t_hat, x_hat = t_cur, x
+        if noise is not None:
+            in_range = (churn["S_min"] <= t_cur) & (t_cur <= churn["S_max"])
+            gamma = jnp.where(in_range, gamma_max, 0.0)
+            t_hat = round_sigma(t_cur + gamma * t_cur)
+            eps = noise(t_cur, t_hat) * churn["S_noise"]
+            x_hat = x + _spread(gamma, t_hat, t_cur) * eps
+        denoised = call(denoise, x_hat, t_hat)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        def correct():
+            d_prime = (x_next - call(denoise, x_next, t_next)) / t_next
+            return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+
+        return jax.lax.cond(i < num_steps - 1, correct, lambda: x_next), (x_hat, denoised)
+
+    return step
 
 
 def edm_sampler(
@@ -47,36 +81,12 @@ def edm_sampler(
     schedules.check_steps(num_steps)
     x0 = jnp.asarray(latents)
     steps = schedules.edm(num_steps, sigma_min, sigma_max, rho).astype(x0.dtype)[:-1]
-    t_steps = jnp.concatenate([round_sigma(steps), jnp.zeros([1], x0.dtype)])
+    t_steps = jnp.concatenate([round_sigma(steps), jnp.zeros([1], x0.dtype)])  # EDM eq. 5
     x, t_steps = prepare(x0 * t_steps[0], t_steps)
-    noise = (
-        None
-        if is_zero(S_churn) and noise_sampler is None
-        else resolve_noise(noise_sampler, rng, x, "edm")
-    )
-
-    def step(x, i):
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
-        if noise is not None:
-            gamma = jnp.where(
-                (S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0
-            )
-            t_hat = round_sigma(t_cur + gamma * t_cur)
-            eps = noise(t_cur, t_hat) * S_noise
-            x_hat = x + jnp.sqrt(jnp.maximum(t_hat**2 - t_cur**2, 0.0)) * eps
-        else:
-            t_hat, x_hat = t_cur, x
-        denoised = call(denoise, x_hat, t_hat)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-
-        def correct():
-            d_prime = (x_next - call(denoise, x_next, t_next)) / t_next
-            return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-
-        x_next = jax.lax.cond(i < num_steps - 1, correct, lambda: x_next)
-        return x_next, (x_hat, denoised)
-
+    use_noise = not is_zero(S_churn) or noise_sampler is not None
+    noise = resolve_noise(noise_sampler, rng, x, "edm") if use_noise else None
+    churn = {"S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise}
+    step = _edm_step(denoise, t_steps, noise, churn, num_steps, round_sigma)
     x, traj = scan_steps(step, x, num_steps, return_trajectory)
     return finish(x, traj, return_trajectory)
 
@@ -146,6 +156,33 @@ def _scaling_fns(scaling, sigma, sigma_deriv):
     return (lambda t: jnp.ones_like(t)), (lambda t: jnp.zeros_like(t))
 
 
+@functools.lru_cache(maxsize=8)
+def _nvlabs_iddpm_table(M: int, C_1: float, C_2: float) -> np.ndarray:
+    """EDM's iDDPM levels u_j (App. C.3.4) as NVlabs/edm computes them.
+
+    Its alpha_bar(j) = sin(pi/2 j / M / (C_2 + 1))^2 comes out in float32 (an int64 tensor
+    times a Python float), so the ratio is rounded to float32 here too; u stays float64.
+    """
+    f32 = np.float32
+    arg = f32(0.5 * np.pi) * np.arange(M + 1, dtype=f32) / f32(M) / f32(C_2 + 1)
+    sin = np.sin(arg.astype(np.float64)).astype(f32)  # correctly rounded float32 sin
+    ratio = np.maximum((sin * sin)[:-1] / (sin * sin)[1:], f32(C_1)).astype(np.float64)
+    u = np.zeros(M + 1)
+    for j in range(M, 0, -1):  # the table's recursion, run once at trace time
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratio[j - 1] - 1)
+    return u
+
+
+def _nvlabs_iddpm_grid(num_steps, sigma_min, sigma_max, C_1, C_2, M) -> np.ndarray:
+    """num_steps of the u_j inside [sigma_min, sigma_max], evenly by index (EDM Table 1)."""
+    u = _nvlabs_iddpm_table(int(M), float(C_1), float(C_2))
+    kept = u[(u >= sigma_min) & (u <= sigma_max)]
+    if kept.size == 0:
+        raise ValueError(f"no iDDPM level lies in [{sigma_min}, {sigma_max}]")
+    idx = np.round((kept.size - 1) / max(num_steps - 1, 1) * np.arange(num_steps))
+    return kept[idx.astype(np.int64)]
+
+
 def _ablation_grid(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M):
     """Noise levels of EDM Table 1's time discretizations (before round_sigma)."""
     if discretization == "vp":
@@ -155,7 +192,7 @@ def _ablation_grid(discretization, num_steps, sigma_min, sigma_max, rho, epsilon
     if discretization == "ve":
         return schedules.ve(num_steps, sigma_min, sigma_max)[:-1]
     if discretization == "iddpm":
-        return schedules.iddpm(num_steps, sigma_min, sigma_max, C_1, C_2, M)[:-1]
+        return jnp.asarray(_nvlabs_iddpm_grid(num_steps, sigma_min, sigma_max, C_1, C_2, M))
     return schedules.karras(num_steps, sigma_min, sigma_max, rho)[:-1]
 
 
@@ -164,6 +201,66 @@ def _default_range(discretization, epsilon_s):
     lo = {"vp": vp_sigma(epsilon_s), "ve": 0.02, "iddpm": 0.002, "edm": 0.002}[discretization]
     hi = {"vp": vp_sigma(1.0), "ve": 100.0, "iddpm": 81.0, "edm": 80.0}[discretization]
     return lo, hi
+
+
+def _ablation_odes(schedule, scaling, sigma_min, sigma_max, epsilon_s):
+    """sigma, sigma', sigma^-1, s, s' of the chosen schedule and scaling (EDM Table 1)."""
+    # VP's beta_d, beta_min fitted to the [sigma_min, sigma_max] range (NVlabs/edm).
+    beta_d = 2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+    beta_min = np.log(sigma_max**2 + 1) - 0.5 * beta_d
+    sigma, sigma_deriv, sigma_inv = _schedule_fns(schedule, beta_d, beta_min)
+    s, s_deriv = _scaling_fns(scaling, sigma, sigma_deriv)
+    return sigma, sigma_deriv, sigma_inv, s, s_deriv
+
+
+def _ablation_deriv(denoise, odes):
+    """(dx/dt, D) of EDM eq. 4: dx/dt = (sigma'/sigma + s'/s) x - sigma' s / sigma D(x/s; sigma)."""
+    sigma, sigma_deriv, _, s, s_deriv = odes
+
+    def deriv(x, t):
+        denoised = call(denoise, x / s(t), sigma(t))
+        coef_x = sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)
+        return coef_x * x - sigma_deriv(t) * s(t) / sigma(t) * denoised, denoised
+
+    return deriv
+
+
+def _ablation_churn(odes, noise, churn: dict, num_steps, round_sigma):
+    """EDM Algorithm 2 lines 4-6 in (t, s) form: raise t to t_hat and add the matching noise."""
+    sigma, _, sigma_inv, s, _ = odes
+    gamma_max = min(churn["S_churn"] / num_steps, math.sqrt(2) - 1)
+
+    def apply(x, t_cur):
+        if noise is None:
+            return x, t_cur
+        in_range = (churn["S_min"] <= sigma(t_cur)) & (sigma(t_cur) <= churn["S_max"])
+        gamma = jnp.where(in_range, gamma_max, 0.0)
+        t_hat = sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
+        spread = _spread(gamma, sigma(t_hat), sigma(t_cur))
+        eps = noise(sigma(t_cur), sigma(t_hat)) * churn["S_noise"]
+        return s(t_hat) / s(t_cur) * x + spread * s(t_hat) * eps, t_hat
+
+    return apply
+
+
+def _ablation_step(deriv, churn, t_steps, solver, alpha, num_steps):
+    """One step of the ablation sampler: churn, Euler, and Heun's correction (EDM Alg. 2)."""
+
+    def step(x, i):
+        x_hat, t_hat = churn(x, t_steps[i])
+        h = t_steps[i + 1] - t_hat
+        d_cur, denoised = deriv(x_hat, t_hat)
+        euler = lambda: x_hat + h * d_cur  # noqa: E731
+        if solver == "euler":
+            return euler(), (x_hat, denoised)
+
+        def heun():  # 2nd order with the intermediate point at t_hat + alpha h
+            d_prime, _ = deriv(x_hat + alpha * h * d_cur, t_hat + alpha * h)
+            return x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
+
+        return jax.lax.cond(i < num_steps - 1, heun, euler), (x_hat, denoised)
+
+    return step
 
 
 def ablation_sampler(
@@ -192,70 +289,38 @@ def ablation_sampler(
     round_sigma=_identity,
     net_sigma_min=0.0,
     net_sigma_max=INF,
+    return_trajectory=False,
 ):
-    """NVlabs/edm's generalized sampler: solver x discretization x schedule x scaling."""
-    for name, value, valid in (
-        ("solver", solver, SOLVERS),
-        ("discretization", discretization, DISCRETIZATIONS),
-        ("schedule", schedule, SCHEDULES),
-        ("scaling", scaling, SCALINGS),
-    ):
+    """NVlabs/edm's generalized sampler: solver x discretization x schedule x scaling.
+
+    ``return_trajectory`` gives per step {'x': x_hat (scaled by s), 'denoised': D(x_hat / s)}.
+    """
+    choices = zip(
+        ("solver", "discretization", "schedule", "scaling"),
+        (solver, discretization, schedule, scaling),
+        (SOLVERS, DISCRETIZATIONS, SCHEDULES, SCALINGS),
+        strict=True,
+    )
+    for name, value, valid in choices:
         _check_choice(name, value, valid)
     schedules.check_steps(num_steps)
     lo, hi = _default_range(discretization, epsilon_s)
     sigma_min = max(lo if sigma_min is None else sigma_min, net_sigma_min)
     sigma_max = min(hi if sigma_max is None else sigma_max, net_sigma_max)
-    vp_beta_d = (
-        2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
-    )
-    vp_beta_min = np.log(sigma_max**2 + 1) - 0.5 * vp_beta_d
-
-    x0 = jnp.asarray(latents)
-    x0, _ = prepare(x0, jnp.array([1.0, 0.0]))
+    x0, _ = prepare(jnp.asarray(latents), jnp.array([1.0, 0.0]))
+    odes = _ablation_odes(schedule, scaling, sigma_min, sigma_max, epsilon_s)
     sigma_steps = _ablation_grid(
         discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M
     )
-    sigma, sigma_deriv, sigma_inv = _schedule_fns(schedule, vp_beta_d, vp_beta_min)
-    s, s_deriv = _scaling_fns(scaling, sigma, sigma_deriv)
-    t_steps = sigma_inv(round_sigma(sigma_steps.astype(x0.dtype)))
+    t_steps = odes[2](round_sigma(jnp.asarray(sigma_steps, x0.dtype)))  # t_i = sigma^-1(sigma_i)
     t_steps = jnp.concatenate([t_steps, jnp.zeros([1], x0.dtype)])
-    noise = (
-        None
-        if is_zero(S_churn) and noise_sampler is None
-        else resolve_noise(noise_sampler, rng, x0, "ablation")
+    use_noise = not is_zero(S_churn) or noise_sampler is not None
+    noise = resolve_noise(noise_sampler, rng, x0, "ablation") if use_noise else None
+    churn = {"S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise}
+    churn_fn = _ablation_churn(odes, noise, churn, num_steps, round_sigma)
+    step = _ablation_step(
+        _ablation_deriv(denoise, odes), churn_fn, t_steps, solver, alpha, num_steps
     )
-
-    def deriv(x, t):
-        denoised = call(denoise, x / s(t), sigma(t))
-        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(
-            t
-        ) * denoised
-
-    def step(x, i):
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
-        if noise is not None:
-            in_range = (S_min <= sigma(t_cur)) & (sigma(t_cur) <= S_max)
-            gamma = jnp.where(in_range, min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
-            t_hat = sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
-            spread = jnp.sqrt(jnp.maximum(sigma(t_hat) ** 2 - sigma(t_cur) ** 2, 0.0))
-            x_hat = s(t_hat) / s(t_cur) * x + spread * s(t_hat) * S_noise * noise(
-                sigma(t_cur), sigma(t_hat)
-            )
-        else:
-            t_hat, x_hat = t_cur, x
-        h = t_next - t_hat
-        d_cur = deriv(x_hat, t_hat)
-        euler = lambda: x_hat + h * d_cur  # noqa: E731
-        if solver == "euler":
-            return euler(), None
-
-        def heun():
-            x_prime, t_prime = x_hat + alpha * h * d_cur, t_hat + alpha * h
-            d_prime = deriv(x_prime, t_prime)
-            return x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
-
-        return jax.lax.cond(i < num_steps - 1, heun, euler), None
-
-    x = x0 * (sigma(t_steps[0]) * s(t_steps[0]))
-    x, _ = jax.lax.scan(step, x, jnp.arange(num_steps))
-    return x
+    x = x0 * (odes[0](t_steps[0]) * odes[3](t_steps[0]))  # x_0 = latents sigma(t_0) s(t_0)
+    x, traj = scan_steps(step, x, num_steps, return_trajectory)
+    return finish(x, traj, return_trajectory)

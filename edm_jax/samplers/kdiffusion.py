@@ -19,11 +19,10 @@ from edm_jax.samplers.core import (
     finish,
     is_zero,
     prepare,
-    resolve_brownian,
-    resolve_noise,
     scan_steps,
     to_d,
 )
+from edm_jax.samplers.noise import resolve_brownian, resolve_noise
 
 Array = jax.Array
 INF = float("inf")
@@ -37,7 +36,10 @@ def _churn(x, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
     gamma = jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), gamma_max, 0.0)
     sigma_hat = sigma * (gamma + 1)
     eps = noise(sigma, sigma_hat) * s_noise
-    return x + eps * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)), sigma_hat
+    # sqrt(sigma_hat^2 - sigma^2) = sigma sqrt(gamma (gamma + 2)): exactly 0 without churn
+    # (an FMA in sigma_hat^2 - sigma^2 would leave ~1e-8 sigma of noise there)
+    gamma = jax.lax.stop_gradient(gamma)  # piecewise constant in sigma; keeps grads finite
+    return x + eps * sigma * jnp.sqrt(gamma * (gamma + 2)), sigma_hat
 
 
 def _noise_if(pred, noise, sigma, sigma_next, scale):
@@ -327,6 +329,13 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, return_trajectory=False, rng=None, no
     return finish(x, traj, return_trajectory)
 
 
+def _sde_noise(noise, sigma, sigma_next, eta_h, s_noise):
+    """The SDE's fresh noise over a step: sigma_next sqrt(1 - e^(-2 eta h)) s_noise z."""
+    if noise is None:
+        return 0.0
+    return noise(sigma, sigma_next) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
+
+
 def sample_dpmpp_2m_sde(
     denoise,
     x,
@@ -351,16 +360,10 @@ def sample_dpmpp_2m_sde(
         h = _t(sigma_next) - _t(sigma)
         eta_h = eta * h
         x = sigma_next / sigma * jnp.exp(-eta_h) * x - jnp.expm1(-h - eta_h) * denoised
-        r = h_last / h
         phi = -jnp.expm1(-h - eta_h)
         corr = (phi / (-h - eta_h) + 1) if solver_type == "heun" else 0.5 * phi
-        x = x + jnp.where(i > 0, corr / r, 0.0) * (denoised - old_denoised)
-        if noise is not None:
-            x = (
-                x
-                + noise(sigma, sigma_next) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
-            )
-        return x, h
+        x = x + jnp.where(i > 0, corr * h / h_last, 0.0) * (denoised - old_denoised)
+        return x + _sde_noise(noise, sigma, sigma_next, eta_h, s_noise), h
 
     def step(carry, i):
         x, old_denoised, h_last = carry
@@ -376,6 +379,21 @@ def sample_dpmpp_2m_sde(
     carry = (x, jnp.zeros_like(x), jnp.ones([], x.dtype))
     (x, _, _), traj = scan_steps(step, carry, sigmas.shape[0] - 1, return_trajectory)
     return finish(x, traj, return_trajectory)
+
+
+def _dpmpp_3m_update(x, i, h, h_eta, denoised, d_1, d_2, h_1, h_2):
+    """DPM-Solver++(3M) data-prediction update, warming up through orders 1 and 2."""
+    x = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * denoised
+    phi_2 = jnp.expm1(-h_eta) / h_eta + 1
+    phi_3 = phi_2 / h_eta - 0.5
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0 = (denoised - d_1) / r0
+    d1_1 = (d_1 - d_2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    third = x + phi_2 * d1 - phi_3 * d2
+    second = x + phi_2 * d1_0
+    return jnp.where(i >= 2, third, jnp.where(i == 1, second, x))
 
 
 def sample_dpmpp_3m_sde(
@@ -397,27 +415,8 @@ def sample_dpmpp_3m_sde(
 
     def sde_step(x, i, sigma, sigma_next, denoised, d_1, d_2, h_1, h_2):
         h = _t(sigma_next) - _t(sigma)
-        h_eta = h * (eta + 1)
-        x = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * denoised
-        phi_2 = jnp.expm1(-h_eta) / h_eta + 1
-        phi_3 = phi_2 / h_eta - 0.5
-        r0, r1 = h_1 / h, h_2 / h
-        d1_0 = (denoised - d_1) / r0
-        d1_1 = (d_1 - d_2) / r1
-        third = (
-            x + phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - phi_3 * (d1_0 - d1_1) / (r0 + r1)
-        )
-        second = x + phi_2 * d1_0
-        x = jnp.where(i >= 2, third, jnp.where(i == 1, second, x))
-        if noise is not None:
-            x = (
-                x
-                + noise(sigma, sigma_next)
-                * sigma_next
-                * jnp.sqrt(-jnp.expm1(-2 * h * eta))
-                * s_noise
-            )
-        return x, h
+        x = _dpmpp_3m_update(x, i, h, h * (eta + 1), denoised, d_1, d_2, h_1, h_2)
+        return x + _sde_noise(noise, sigma, sigma_next, h * eta, s_noise), h
 
     def step(carry, i):
         x, d_1, d_2, h_1, h_2 = carry
