@@ -17,11 +17,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from edm_jax.schedules import float_dtype as _dtype
+
 Array = jax.Array
-
-
-def _dtype():
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def _flat(x: Array) -> Array:

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edm_jax.schedules import check_positive, iddpm_u_table
+from edm_jax.checks import check_choice, check_positive
+from edm_jax.samplers.core import append_dims
+from edm_jax.schedules import VP_BETA_D, VP_BETA_MIN, VPSchedule, float_dtype, iddpm_u_table
 
 Array = jax.Array
 
@@ -32,8 +34,7 @@ class Scalings(NamedTuple):
 
 def _f(sigma) -> Array:
     """sigma as a float array (float64 when x64 is on)."""
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-    return jnp.asarray(sigma, dtype)
+    return jnp.asarray(sigma, float_dtype())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,34 +66,34 @@ class EDMPrecond:
 class VPPrecond:
     """Variance-preserving preconditioning (Song et al. 2021; EDM Table 1, 'VP')."""
 
-    beta_d: float = 19.9
-    beta_min: float = 0.1
+    beta_d: float = VP_BETA_D
+    beta_min: float = VP_BETA_MIN
     M: int = 1000
     epsilon_t: float = 1e-5
     out_channels_factor = 1
 
+    @property
+    def schedule(self) -> VPSchedule:
+        """The VP noise level sigma(t) these parameters define."""
+        return VPSchedule(self.beta_d, self.beta_min)
+
     def sigma(self, t) -> Array:
         """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-        t = _f(t)
-        return jnp.sqrt(jnp.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1)
+        return self.schedule.sigma(_f(t))
 
     def sigma_inv(self, sigma) -> Array:
         """t(sigma), the inverse of sigma(t)."""
-        s = _f(sigma)
-        root = jnp.sqrt(self.beta_min**2 + 2 * self.beta_d * jnp.log1p(s**2))
-        return (root - self.beta_min) / self.beta_d
+        return self.schedule.sigma_inv(_f(sigma))
 
     @property
     def sigma_min(self) -> float:
         """sigma(epsilon_t), the smallest noise level trained."""
-        return math.sqrt(
-            math.expm1(0.5 * self.beta_d * self.epsilon_t**2 + self.beta_min * self.epsilon_t)
-        )
+        return self.schedule.sigma_float(self.epsilon_t)
 
     @property
     def sigma_max(self) -> float:
         """sigma(1)."""
-        return math.sqrt(math.expm1(0.5 * self.beta_d + self.beta_min))
+        return self.schedule.sigma_float(1.0)
 
     def scalings(self, sigma) -> Scalings:
         """c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = (M-1) t(s)."""
@@ -182,8 +183,7 @@ PRECONDS: dict[str, type] = {
 
 def get_precond(name: str, **kwargs) -> Precond:
     """The preconditioning `name` ('edm', 'vp', 've', 'iddpm') with its parameters."""
-    if name not in PRECONDS:
-        raise ValueError(f"unknown preconditioning {name!r}; valid: {sorted(PRECONDS)}")
+    check_choice("preconditioning", name, PRECONDS)
     cls = PRECONDS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - fields)
@@ -192,11 +192,6 @@ def get_precond(name: str, **kwargs) -> Precond:
             f"unknown {name} preconditioning options {unknown}; valid: {sorted(fields)}"
         )
     return cls(**kwargs)
-
-
-def _expand(c: Array, ndim: int) -> Array:
-    """[B] -> [B, 1, ..., 1] with ndim dimensions."""
-    return c.reshape(c.shape + (1,) * (ndim - c.ndim))
 
 
 def make_denoiser(apply_fn: Callable[..., Array], precond: Precond) -> Callable[..., Array]:
@@ -210,7 +205,7 @@ def make_denoiser(apply_fn: Callable[..., Array], precond: Precond) -> Callable[
     def denoise(params: Any, x: Array, sigma, **cond) -> Array:
         x = _f(x)
         sigma = jnp.broadcast_to(_f(sigma), x.shape[:1])  # [B]
-        c_skip, c_out, c_in, c_noise = (_expand(c, x.ndim) for c in precond.scalings(sigma))
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in precond.scalings(sigma))
         F_x = apply_fn(params, c_in * x, c_noise.reshape(-1), **cond)
         F_x = F_x[..., : x.shape[-1]].astype(x.dtype)  # iDDPM: first C of 2C channels
         return c_skip * x + c_out * F_x

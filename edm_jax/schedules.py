@@ -8,6 +8,7 @@ Inference grids return ``n + 1`` values ending in 0, exactly as k-diffusion's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -16,45 +17,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edm_jax.checks import check_choice, check_positive, check_steps, concrete
+
 Array = jax.Array
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _concrete(value) -> float | None:
-    """Python float of a concrete scalar, None if traced."""
-    try:
-        return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
-def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    """Raise ValueError if a concrete `value` is not > 0 (or >= 0); traced values pass."""
-    v = _concrete(value)
-    if v is None:
-        return
-    if not (v >= 0 if allow_zero else v > 0) or math.isnan(v):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-
-
-def check_steps(n) -> None:
-    """Raise ValueError unless `n` is an int >= 1."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n (number of steps) must be an int >= 1, got {n!r}")
-
-
 def _check_range(sigma_min, sigma_max) -> None:
     check_positive("sigma_min", sigma_min)
     check_positive("sigma_max", sigma_max)
-    lo, hi = _concrete(sigma_min), _concrete(sigma_max)
+    lo, hi = concrete(sigma_min), concrete(sigma_max)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"sigma_min ({sigma_min}) must be <= sigma_max ({sigma_max})")
 
 
-def _float_dtype():
+def float_dtype():
+    """float64 when x64 is on, else float32: the dtype of schedules, losses and precond."""
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -63,7 +43,7 @@ def _append_zero(sigmas: Array) -> Array:
 
 
 def _ramp(n: int, start: float = 0.0, stop: float = 1.0) -> Array:
-    return jnp.linspace(start, stop, n, dtype=_float_dtype())
+    return jnp.linspace(start, stop, n, dtype=float_dtype())
 
 
 # --------------------------------------------------------------------------- inference grids
@@ -74,8 +54,8 @@ def karras(n: int, sigma_min, sigma_max, rho=7.0) -> Array:
     check_steps(n)
     _check_range(sigma_min, sigma_max)
     check_positive("rho", rho)
-    min_inv_rho = jnp.asarray(sigma_min, _float_dtype()) ** (1 / rho)
-    max_inv_rho = jnp.asarray(sigma_max, _float_dtype()) ** (1 / rho)
+    min_inv_rho = jnp.asarray(sigma_min, float_dtype()) ** (1 / rho)
+    max_inv_rho = jnp.asarray(sigma_max, float_dtype()) ** (1 / rho)
     return _append_zero((max_inv_rho + _ramp(n) * (min_inv_rho - max_inv_rho)) ** rho)
 
 
@@ -88,8 +68,8 @@ def exponential(n: int, sigma_min, sigma_max) -> Array:
     """Exponential schedule: sigmas evenly spaced in log sigma."""
     check_steps(n)
     _check_range(sigma_min, sigma_max)
-    log_max = jnp.log(jnp.asarray(sigma_max, _float_dtype()))
-    log_min = jnp.log(jnp.asarray(sigma_min, _float_dtype()))
+    log_max = jnp.log(jnp.asarray(sigma_max, float_dtype()))
+    log_min = jnp.log(jnp.asarray(sigma_min, float_dtype()))
     return _append_zero(jnp.exp(log_max + _ramp(n) * (log_min - log_max)))
 
 
@@ -98,18 +78,76 @@ def polyexponential(n: int, sigma_min, sigma_max, rho=1.0) -> Array:
     check_steps(n)
     _check_range(sigma_min, sigma_max)
     check_positive("rho", rho)
-    log_max = jnp.log(jnp.asarray(sigma_max, _float_dtype()))
-    log_min = jnp.log(jnp.asarray(sigma_min, _float_dtype()))
+    log_max = jnp.log(jnp.asarray(sigma_max, float_dtype()))
+    log_min = jnp.log(jnp.asarray(sigma_min, float_dtype()))
     ramp = _ramp(n, 1.0, 0.0) ** rho
     return _append_zero(jnp.exp(ramp * (log_max - log_min) + log_min))
 
 
-def _vp_sigma(t, beta_d, beta_min):
-    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1)."""
-    return jnp.sqrt(jnp.exp(0.5 * beta_d * t**2 + beta_min * t) - 1)
+# --------------------------------------------------------------------------- the VP schedule
+
+VP_BETA_D, VP_BETA_MIN = 19.9, 0.1  # Song et al. (2021) VP SDE, EDM Table 1
 
 
-def vp(n: int, beta_d=19.9, beta_min=0.1, eps_s=1e-3, *, sigma_min=None, sigma_max=None) -> Array:
+@dataclasses.dataclass(frozen=True)
+class VPSchedule:
+    """The VP noise level of EDM Table 1: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1).
+
+    The one home of the VP maths: the VP preconditioning, the VP training density, the
+    ``vp`` grid and the ablation sampler all use it. Array methods keep t's dtype.
+    """
+
+    beta_d: float = VP_BETA_D
+    beta_min: float = VP_BETA_MIN
+
+    def sigma(self, t) -> Array:
+        """sigma(t) (EDM Table 1, VP)."""
+        t = jnp.asarray(t)
+        return jnp.sqrt(jnp.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1)
+
+    def sigma_deriv(self, t) -> Array:
+        """d sigma / dt = (beta_min + beta_d t) (sigma + 1/sigma) / 2."""
+        s = self.sigma(t)
+        return 0.5 * (self.beta_min + self.beta_d * jnp.asarray(t)) * (s + 1 / s)
+
+    def sigma_inv(self, sigma) -> Array:
+        """t(sigma), the inverse of sigma(t): (sqrt(beta_min^2 + 2 beta_d ln(1 + s^2)) - beta_min) / beta_d."""
+        s = jnp.asarray(sigma)
+        root = jnp.sqrt(self.beta_min**2 + 2 * self.beta_d * jnp.log1p(s**2))
+        return (root - self.beta_min) / self.beta_d
+
+    def sigma_float(self, t: float) -> float:
+        """sigma(t) of a Python float, in float64."""
+        return math.sqrt(math.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))
+
+    @classmethod
+    def from_range(cls, sigma_min, sigma_max, epsilon: float = 1e-3) -> VPSchedule:
+        """The VP schedule with sigma(epsilon) = sigma_min and sigma(1) = sigma_max."""
+        return cls(*vp_betas(sigma_min, sigma_max, epsilon))
+
+
+VP = VPSchedule()
+
+
+def vp_betas(sigma_min, sigma_max, eps_s=1e-3) -> tuple:
+    """(beta_d, beta_min) putting sigma(eps_s) = sigma_min and sigma(1) = sigma_max.
+
+    Python floats (float64, as NVlabs/edm) for concrete limits, arrays for traced ones.
+    """
+    lo, hi = concrete(sigma_min), concrete(sigma_max)
+    if lo is not None and hi is not None:
+        log_min, log_max = math.log(lo**2 + 1), math.log(hi**2 + 1)
+    else:
+        log_min = jnp.log(jnp.asarray(sigma_min, float_dtype()) ** 2 + 1)
+        log_max = jnp.log(jnp.asarray(sigma_max, float_dtype()) ** 2 + 1)
+    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    return beta_d, beta_min
+
+
+def vp(
+    n: int, beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, eps_s=1e-3, *, sigma_min=None, sigma_max=None
+) -> Array:
     """Continuous VP schedule, t evenly spaced from 1 to eps_s (k-diffusion get_sigmas_vp).
 
     With ``sigma_min``/``sigma_max`` given, beta_d and beta_min are derived from them as in
@@ -121,29 +159,20 @@ def vp(n: int, beta_d=19.9, beta_min=0.1, eps_s=1e-3, *, sigma_min=None, sigma_m
         raise ValueError("vp: give both sigma_min and sigma_max, or neither")
     if sigma_min is not None:
         _check_range(sigma_min, sigma_max)
-        beta_d, beta_min = vp_betas(sigma_min, sigma_max, eps_s)
+        schedule = VPSchedule.from_range(sigma_min, sigma_max, eps_s)
     else:
         check_positive("beta_d", beta_d)
         check_positive("beta_min", beta_min, allow_zero=True)
-    t = _ramp(n, 1.0, eps_s)
-    return _append_zero(_vp_sigma(t, beta_d, beta_min))
-
-
-def vp_betas(sigma_min, sigma_max, eps_s=1e-3) -> tuple:
-    """(beta_d, beta_min) putting sigma(eps_s) = sigma_min and sigma(1) = sigma_max."""
-    log_min = jnp.log(jnp.asarray(sigma_min, _float_dtype()) ** 2 + 1)
-    log_max = jnp.log(jnp.asarray(sigma_max, _float_dtype()) ** 2 + 1)
-    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
-    beta_min = log_max - 0.5 * beta_d
-    return beta_d, beta_min
+        schedule = VPSchedule(beta_d, beta_min)
+    return _append_zero(schedule.sigma(_ramp(n, 1.0, eps_s)))
 
 
 def ve(n: int, sigma_min=0.02, sigma_max=100.0) -> Array:
     """VE time discretization (EDM Table 1): t_i = max^2 (min^2/max^2)^(i/(n-1)), sigma = sqrt(t)."""
     check_steps(n)
     _check_range(sigma_min, sigma_max)
-    smin = jnp.asarray(sigma_min, _float_dtype())
-    smax = jnp.asarray(sigma_max, _float_dtype())
+    smin = jnp.asarray(sigma_min, float_dtype())
+    smax = jnp.asarray(sigma_max, float_dtype())
     t = smax**2 * (smin**2 / smax**2) ** _ramp(n)
     return _append_zero(jnp.sqrt(t))
 
@@ -152,8 +181,8 @@ def linear(n: int, sigma_min, sigma_max) -> Array:
     """Sigmas evenly spaced from sigma_max down to sigma_min."""
     check_steps(n)
     _check_range(sigma_min, sigma_max)
-    smin = jnp.asarray(sigma_min, _float_dtype())
-    smax = jnp.asarray(sigma_max, _float_dtype())
+    smin = jnp.asarray(sigma_min, float_dtype())
+    smax = jnp.asarray(sigma_max, float_dtype())
     return _append_zero(smax + _ramp(n) * (smin - smax))
 
 
@@ -180,12 +209,12 @@ def iddpm(n: int, sigma_min=0.002, sigma_max=81.0, C_1=0.001, C_2=0.008, M=1000)
     """iDDPM time discretization (EDM Table 1): n of the u_j in [min, max], evenly by index."""
     check_steps(n)
     _check_range(sigma_min, sigma_max)
-    u = jnp.asarray(iddpm_u_table(M, C_1, C_2), _float_dtype())
+    u = jnp.asarray(iddpm_u_table(M, C_1, C_2), float_dtype())
     inside = (u >= sigma_min) & (u <= sigma_max)
     first = jnp.argmax(inside)  # u decreases, so the kept u_j are contiguous
     count = jnp.sum(inside)
     step = (count - 1) / max(n - 1, 1)
-    idx = first + jnp.round(step * jnp.arange(n, dtype=_float_dtype())).astype(jnp.int32)
+    idx = first + jnp.round(step * jnp.arange(n, dtype=float_dtype())).astype(jnp.int32)
     return _append_zero(u[idx])
 
 
@@ -203,8 +232,7 @@ SCHEDULES: dict[str, Callable[..., Array]] = {
 
 def get_sigmas(name: str, n: int, **kwargs) -> Array:
     """The inference grid `name` with n steps (n + 1 values, the last 0)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
+    check_choice("schedule", name, SCHEDULES)
     return SCHEDULES[name](n, **kwargs)
 
 
@@ -214,13 +242,13 @@ Shape = Sequence[int]
 
 
 def _uniform(rng, shape, lo=0.0, hi=1.0):
-    return jax.random.uniform(rng, tuple(shape), _float_dtype(), lo, hi)
+    return jax.random.uniform(rng, tuple(shape), float_dtype(), lo, hi)
 
 
 def lognormal(rng: Array, shape: Shape, P_mean=-1.2, P_std=1.2) -> Array:
     """EDM training density: ln(sigma) ~ N(P_mean, P_std^2) (EDM Table 1)."""
     check_positive("P_std", P_std)
-    return jnp.exp(P_mean + P_std * jax.random.normal(rng, tuple(shape), _float_dtype()))
+    return jnp.exp(P_mean + P_std * jax.random.normal(rng, tuple(shape), float_dtype()))
 
 
 def loglogistic(
@@ -229,7 +257,7 @@ def loglogistic(
     """ln(sigma) ~ Logistic(loc, scale), optionally truncated to [min_value, max_value]."""
     check_positive("scale", scale)
     check_positive("min_value", min_value, allow_zero=True)
-    cdf = lambda v: jax.nn.sigmoid((jnp.log(jnp.asarray(v, _float_dtype())) - loc) / scale)  # noqa: E731
+    cdf = lambda v: jax.nn.sigmoid((jnp.log(jnp.asarray(v, float_dtype())) - loc) / scale)  # noqa: E731
     u = _uniform(rng, shape, 0.0, 1.0) * (cdf(max_value) - cdf(min_value)) + cdf(min_value)
     return jnp.exp(jax.scipy.special.logit(u) * scale + loc)
 
@@ -256,7 +284,7 @@ def split_lognormal(rng: Array, shape: Shape, loc=0.0, scale_1=1.0, scale_2=1.0)
     check_positive("scale_1", scale_1)
     check_positive("scale_2", scale_2)
     k_n, k_u = jax.random.split(rng)
-    n = jnp.abs(jax.random.normal(k_n, tuple(shape), _float_dtype()))
+    n = jnp.abs(jax.random.normal(k_n, tuple(shape), float_dtype()))
     u = _uniform(k_u, shape)
     left = u < scale_1 / (scale_1 + scale_2)
     return jnp.exp(jnp.where(left, loc - n * scale_1, loc + n * scale_2))
@@ -298,11 +326,13 @@ def cosine_interpolated(
     return jnp.exp(-logsnr / 2) * sigma_data
 
 
-def vp_uniform(rng: Array, shape: Shape, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5) -> Array:
+def vp_uniform(
+    rng: Array, shape: Shape, beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, epsilon_t=1e-5
+) -> Array:
     """VP loss density: sigma(t) with t ~ U(epsilon_t, 1) (NVlabs/edm VPLoss)."""
     check_positive("epsilon_t", epsilon_t)
     t = 1 + _uniform(rng, shape) * (epsilon_t - 1)
-    return _vp_sigma(t, beta_d, beta_min)
+    return VPSchedule(beta_d, beta_min).sigma(t)
 
 
 def ve_uniform(rng: Array, shape: Shape, sigma_min=0.02, sigma_max=100.0) -> Array:
@@ -325,6 +355,5 @@ DENSITIES: dict[str, Callable[..., Array]] = {
 
 def sample_sigmas(name: str, rng: Array, shape: Shape, **kwargs) -> Array:
     """Draw training sigmas from the density `name`."""
-    if name not in DENSITIES:
-        raise ValueError(f"unknown sigma density {name!r}; valid: {sorted(DENSITIES)}")
+    check_choice("sigma density", name, DENSITIES)
     return DENSITIES[name](rng, shape, **kwargs)

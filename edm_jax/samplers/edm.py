@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edm_jax import schedules
+from edm_jax.checks import check_choice
 from edm_jax.samplers.core import call, finish, is_zero, prepare, scan_steps
 from edm_jax.samplers.kdiffusion import sample_heun
 from edm_jax.samplers.noise import resolve_noise
@@ -123,26 +124,14 @@ def sample_heun_sde(
 
 SOLVERS = ("euler", "heun")
 DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
-SCHEDULES = ("vp", "ve", "linear")
+ABLATION_SCHEDULES = ("vp", "ve", "linear")  # sigma(t) of EDM Table 1 (not edm_jax.SCHEDULES)
 SCALINGS = ("vp", "none")
 
 
-def _check_choice(name, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
-
-
-def _vp_fns(beta_d, beta_min):
-    sigma = lambda t: jnp.sqrt(jnp.exp(0.5 * beta_d * t**2 + beta_min * t) - 1)  # noqa: E731
-    deriv = lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))  # noqa: E731
-    inv = lambda s: (jnp.sqrt(beta_min**2 + 2 * beta_d * jnp.log(s**2 + 1)) - beta_min) / beta_d  # noqa: E731
-    return sigma, deriv, inv
-
-
-def _schedule_fns(schedule, beta_d, beta_min):
+def _schedule_fns(schedule, vp: schedules.VPSchedule):
     """sigma(t), sigma'(t), t(sigma) for the VP, VE or linear schedule (EDM Table 1)."""
     if schedule == "vp":
-        return _vp_fns(beta_d, beta_min)
+        return vp.sigma, vp.sigma_deriv, vp.sigma_inv
     if schedule == "ve":
         return jnp.sqrt, lambda t: 0.5 / jnp.sqrt(t), lambda s: s**2
     return (lambda t: t), (lambda t: jnp.ones_like(t)), (lambda s: s)
@@ -197,7 +186,7 @@ def _ablation_grid(discretization, num_steps, sigma_min, sigma_max, rho, epsilon
 
 
 def _default_range(discretization, epsilon_s):
-    vp_sigma = lambda t: math.sqrt(math.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1)  # noqa: E731
+    vp_sigma = schedules.VP.sigma_float  # the VP SDE's default beta_d, beta_min
     lo = {"vp": vp_sigma(epsilon_s), "ve": 0.02, "iddpm": 0.002, "edm": 0.002}[discretization]
     hi = {"vp": vp_sigma(1.0), "ve": 100.0, "iddpm": 81.0, "edm": 80.0}[discretization]
     return lo, hi
@@ -206,9 +195,8 @@ def _default_range(discretization, epsilon_s):
 def _ablation_odes(schedule, scaling, sigma_min, sigma_max, epsilon_s):
     """sigma, sigma', sigma^-1, s, s' of the chosen schedule and scaling (EDM Table 1)."""
     # VP's beta_d, beta_min fitted to the [sigma_min, sigma_max] range (NVlabs/edm).
-    beta_d = 2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
-    beta_min = np.log(sigma_max**2 + 1) - 0.5 * beta_d
-    sigma, sigma_deriv, sigma_inv = _schedule_fns(schedule, beta_d, beta_min)
+    vp = schedules.VPSchedule.from_range(sigma_min, sigma_max, epsilon_s)
+    sigma, sigma_deriv, sigma_inv = _schedule_fns(schedule, vp)
     s, s_deriv = _scaling_fns(scaling, sigma, sigma_deriv)
     return sigma, sigma_deriv, sigma_inv, s, s_deriv
 
@@ -298,11 +286,11 @@ def ablation_sampler(
     choices = zip(
         ("solver", "discretization", "schedule", "scaling"),
         (solver, discretization, schedule, scaling),
-        (SOLVERS, DISCRETIZATIONS, SCHEDULES, SCALINGS),
+        (SOLVERS, DISCRETIZATIONS, ABLATION_SCHEDULES, SCALINGS),
         strict=True,
     )
     for name, value, valid in choices:
-        _check_choice(name, value, valid)
+        check_choice(name, value, valid)
     schedules.check_steps(num_steps)
     lo, hi = _default_range(discretization, epsilon_s)
     sigma_min = max(lo if sigma_min is None else sigma_min, net_sigma_min)
