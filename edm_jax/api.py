@@ -1,16 +1,16 @@
 """User-facing sampling: ``sample(rng, params, model, ...)`` and ``load(workdir_or_checkpoint)``.
 
-Every seed gets its own keys, ``fold_in(rng, seed)``, for its initial noise, its class
-label (when drawn at random) and every stochastic step, so a seed's image does not depend
-on the batch it is drawn in (as NVlabs/edm ``generate.py``). Batches are padded to one
-shape, compiled once, and split over the local devices along the batch axis.
+``sample`` is the one sampling path: sample.py, the training grids (``train/grid.py``) and the
+metrics call it. Every seed gets its own keys, ``fold_in(rng, seed)``, for its initial noise,
+its class label (when drawn at random) and every stochastic step, so a seed's image does not
+depend on the batch it is drawn in (as NVlabs/edm ``generate.py``). Batches are padded to one
+shape, compiled once per model and settings, and split over the local devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -22,45 +22,36 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import guidance, schedules
-
-Array = jax.Array
+from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, sampler_info
+from edm_jax.types import Array
 
 __all__ = [
     "check_sample_args", "class_labels", "image_grid", "load", "sample", "sampler_names", "to_uint8",
 ]  # fmt: skip
 
-# Options that change what a sampler returns: sample() returns images only.
-_UNSUPPORTED_OPTIONS = ("return_trajectory", "return_info", "rng", "noise_sampler")
+# Options that change what a sampler returns or where its noise and conditioning come from:
+# sample() sets them itself (per-seed noise, labels, images out).
+_UNSUPPORTED_OPTIONS = (
+    "return_trajectory", "return_info", "rng", "noise_sampler", "extra_args", "callback", "disable",
+)  # fmt: skip
 _KEY_INIT, _KEY_LABEL, _KEY_NOISE = 0, 1, 2
-
-
-def _samplers() -> dict[str, Callable]:
-    from edm_jax.samplers import SAMPLERS  # imported late: the samplers package is heavy
-
-    return SAMPLERS
 
 
 def sampler_names() -> list[str]:
     """Names accepted by ``sample(..., sampler=name)``."""
-    return sorted(_samplers())
+    return sorted(SAMPLER_INFO)
 
 
-def _check_sampler(name: str, options: dict) -> Callable:
-    """The sampler function, after checking its name and option names."""
-    table = _samplers()
-    if name not in table:
-        raise ValueError(f"unknown sampler {name!r}; valid: {sorted(table)}")
-    fn = table[name]
+def _check_sampler(name: str, options: dict) -> SamplerInfo:
+    """The sampler's registry entry, after checking its name and option names."""
+    info = sampler_info(name)
     fixed = sorted(set(options) & set(_UNSUPPORTED_OPTIONS))
     if fixed:
         raise ValueError(f"sample() sets {fixed} itself (per-seed noise, images out); drop them")
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY]
-        bad = sorted(set(options) - set(valid))
-        if bad:
-            raise ValueError(f"sampler {name!r} has no options {bad}; valid: {sorted(valid)}")
-    return fn
+    bad = sorted(set(options) - set(info.options))
+    if bad:
+        raise ValueError(f"sampler {name!r} has no options {bad}; valid: {sorted(info.options)}")
+    return info
 
 
 def _resolve_seeds(num_samples: int | None, seeds) -> np.ndarray:
@@ -75,10 +66,10 @@ def _resolve_seeds(num_samples: int | None, seeds) -> np.ndarray:
         ):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         return np.arange(num_samples, dtype=np.int64)
-    seeds = np.asarray(seeds)
-    if seeds.ndim != 1 or seeds.size == 0 or seeds.dtype.kind not in "iu" or np.any(seeds < 0):
+    arr = np.asarray(seeds)
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu" or np.any(arr < 0):
         raise ValueError(f"seeds must be a non-empty 1-D list of ints >= 0, got {seeds!r}")
-    return seeds.astype(np.int64)
+    return arr.astype(np.int64)
 
 
 def _resolve_labels(labels, n: int, label_dim: int, cfg_scale: float) -> np.ndarray | None:
@@ -105,23 +96,29 @@ def _resolve_labels(labels, n: int, label_dim: int, cfg_scale: float) -> np.ndar
     return idx
 
 
+@functools.partial(jax.jit, static_argnames="label_dim")
+def _draw_labels(rng: Array, seeds: Array, label_dim: int) -> Array:
+    """A random class [N] per seed from fold_in(fold_in(rng, seed), _KEY_LABEL); jitted once."""
+
+    def draw(seed):
+        key = jax.random.fold_in(jax.random.fold_in(rng, seed), _KEY_LABEL)
+        return jax.random.randint(key, (), 0, label_dim)
+
+    return jax.vmap(draw)(seeds)
+
+
 def class_labels(rng: Array, model: Any, seeds: Sequence[int], labels=None) -> np.ndarray | None:
     """The class index [N] of each seed (drawn from ``fold_in(rng, seed)`` where not given).
 
     None for unconditional models. ``labels`` as in ``sample``; raises ValueError on a class
     out of range.
     """
-    seeds = _resolve_seeds(None, seeds)
+    seed_arr = _resolve_seeds(None, seeds)
     label_dim = int(getattr(model, "label_dim", 0) or 0)
-    classes = _resolve_labels(labels, len(seeds), label_dim, 1.0)
+    classes = _resolve_labels(labels, len(seed_arr), label_dim, 1.0)
     if classes is None or np.all(classes >= 0):
         return classes
-
-    def draw(seed):
-        key = jax.random.fold_in(jax.random.fold_in(rng, seed), _KEY_LABEL)
-        return jax.random.randint(key, (), 0, label_dim)
-
-    drawn = np.asarray(jax.jit(jax.vmap(draw))(jnp.asarray(seeds, jnp.uint32)))
+    drawn = np.asarray(_draw_labels(rng, jnp.asarray(seed_arr % 2**32, jnp.uint32), label_dim))
     return np.where(classes < 0, drawn, classes)
 
 
@@ -137,23 +134,28 @@ class _Spec:
     sigma_max: float
     rho: float
     guided: bool  # classifier-free guidance on (its scale is a traced argument)
+    clip: bool  # clip the output to [-1, 1] (pixel models)
     options: tuple  # sorted (name, value) pairs of sampler options
 
 
-def _solve(spec: _Spec, fn: Callable, denoise: Callable, x: Array, key: Array, precond) -> Array:
-    """Run the sampler on one seed's x [1, H, W, C]; its randomness comes from ``key`` only."""
-    from edm_jax.samplers import RANGE_SAMPLERS  # fn(denoise, x, sigma_min, sigma_max, ...)
+def _round_sigma(model) -> Callable | None:
+    """The model's own noise levels (discrete models, e.g. iDDPM): round_sigma, or None."""
+    precond = getattr(model, "precond", None)
+    return getattr(precond, "round_sigma", None) or getattr(model, "round_sigma", None)
 
-    extra = {"rng": key} if "rng" in inspect.signature(fn).parameters else {}
+
+def _solve(spec: _Spec, denoise: Callable, x: Array, key: Array, round_sigma) -> Array:
+    """Run the sampler on one seed's x [1, H, W, C]; its randomness comes from ``key`` only."""
+    info = SAMPLER_INFO[spec.sampler]
     lo, hi, n = spec.sigma_min, spec.sigma_max, spec.num_steps
     options = dict(spec.options)
-    if spec.sampler in RANGE_SAMPLERS:
-        args = (lo, hi) if spec.sampler == "dpm_adaptive" else (lo, hi, n)
-        return fn(denoise, x, *args, **extra, **options)
+    if info.takes == "range":  # fn(denoise, x, sigma_min, sigma_max[, n], ...)
+        args = (lo, hi, n) if info.takes_n else (lo, hi)
+        return info.fn(denoise, x, *args, rng=key, **options)
     sigmas = schedules.karras(n, lo, hi, spec.rho)  # EDM eq. 5
-    if precond is not None:  # discrete models (iDDPM) sample at their own levels
-        sigmas = precond.round_sigma(sigmas).astype(sigmas.dtype)
-    return fn(denoise, x, sigmas, **extra, **options)
+    if round_sigma is not None:  # discrete models (iDDPM) sample at their own levels
+        sigmas = round_sigma(sigmas).astype(sigmas.dtype)
+    return info.fn(denoise, x, sigmas, rng=key, **options)
 
 
 def _conditioned(model, params, onehot, guided: bool, cfg_scale) -> Callable:
@@ -188,7 +190,7 @@ def _program(model, spec: _Spec) -> Callable:
     noise (and dpm_adaptive's step sizes) cannot depend on the other seeds, while the
     network still runs on the whole batch.
     """
-    fn, precond = _samplers()[spec.sampler], getattr(model, "precond", None)
+    round_sigma = _round_sigma(model)
 
     def one(params, key, cls, cfg_scale):
         x = jax.random.normal(jax.random.fold_in(key, _KEY_INIT), (1,) + spec.shape)
@@ -196,11 +198,11 @@ def _program(model, spec: _Spec) -> Callable:
         onehot = None if cls is None else jax.nn.one_hot(cls[None], spec.label_dim)
         denoise = _conditioned(model, params, onehot, spec.guided, cfg_scale)
         key = jax.random.fold_in(key, _KEY_NOISE)
-        return _solve(spec, fn, denoise, x, key, precond)[0]
+        return _solve(spec, denoise, x, key, round_sigma)[0]
 
     def run(params, keys, classes, cfg_scale):
         out = jax.vmap(one, in_axes=(None, 0, 0, None))(params, keys, classes, cfg_scale)
-        return jnp.clip(out, -1.0, 1.0)
+        return jnp.clip(out, -1.0, 1.0) if spec.clip else out
 
     return jax.jit(run)
 
@@ -236,7 +238,10 @@ def check_sample_args(sampler: str, num_steps: int, batch_size: int | None, **op
 
 
 def to_uint8(images) -> np.ndarray:
-    """[-1, 1] floats -> uint8 pixels, rounding as NVlabs/edm (x * 127.5 + 128, clipped)."""
+    """[-1, 1] floats -> uint8 pixels, rounding as NVlabs/edm (x * 127.5 + 128, clipped).
+
+    The one quantisation of the package: sample.py, the training grids and the metrics use it.
+    """
     return np.clip(np.asarray(images, np.float32) * 127.5 + 128, 0, 255).astype(np.uint8)
 
 
@@ -250,20 +255,25 @@ def image_grid(pixels: np.ndarray, cols: int | None = None) -> np.ndarray:
     return full.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
+def _model_range(model) -> tuple[float, float]:
+    """The model's own (sigma_min, sigma_max): its preconditioning's, or its own attributes."""
+    source = getattr(model, "precond", None) or model
+    lo, hi = getattr(source, "sigma_min", None), getattr(source, "sigma_max", None)
+    return (0.0 if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+
+
 def _sigma_range(model, sigma_min, sigma_max) -> tuple[float, float]:
     """(sigma_min, sigma_max) clipped to the model's range, as NVlabs/edm ``edm_sampler``."""
     schedules.check_positive("sigma_min", sigma_min)
     schedules.check_positive("sigma_max", sigma_max)
-    precond = getattr(model, "precond", None)
-    lo, hi = float(sigma_min), float(sigma_max)
-    if precond is not None:
-        lo, hi = max(lo, float(precond.sigma_min)), min(hi, float(precond.sigma_max))
+    model_lo, model_hi = _model_range(model)
+    lo, hi = max(float(sigma_min), model_lo), min(float(sigma_max), model_hi)
     if lo >= hi:
         raise ValueError(f"need sigma_min < sigma_max within the model's range; got {lo}, {hi}")
     return lo, hi
 
 
-def _image_shape(model) -> tuple[int, int, int]:
+def _image_shape(model) -> tuple[int, ...]:
     """(H, W, C) of the model's images."""
     shape = getattr(model, "image_shape", None)
     if shape is None:
@@ -292,33 +302,41 @@ def sample(
     progress: bool = False,
     **sampler_options,
 ) -> np.ndarray:
-    """Images [N, H, W, C] in [-1, 1] (numpy float32), one per seed.
+    """Images [N, H, W, C] (numpy float32), one per seed.
 
     ``model.denoise(params, x, sigma, labels=one_hot)`` is sampled with ``sampler`` (a name
-    in ``sampler_names()``) on the Karras schedule (EDM eq. 5). ``labels``: None (random
-    class per seed for conditional models), a class index, N indices or [N, label_dim]
-    one-hot. ``cfg_scale`` != 1 applies classifier-free guidance. Seed s draws from
-    ``fold_in(rng, s)`` only, whatever the batch.
+    in ``sampler_names()``) on the Karras schedule (EDM eq. 5) within the model's own sigma
+    range. ``labels``: None (random class per seed for conditional models), a class index, N
+    indices or [N, label_dim] one-hot. ``cfg_scale`` != 1 applies classifier-free guidance.
+    Seed s draws from ``fold_in(rng, s)`` only, whatever the batch. Outputs are clipped to
+    [-1, 1] unless ``model.clip_output`` is False (latent models, wrapped models).
     """
     check_sample_args(sampler, num_steps, batch_size, **sampler_options)
-    seeds = _resolve_seeds(num_samples, seeds)
+    seed_arr = _resolve_seeds(num_samples, seeds)
     label_dim = int(getattr(model, "label_dim", 0) or 0)
-    _resolve_labels(labels, len(seeds), label_dim, cfg_scale)  # validate before compute
-    classes = class_labels(rng, model, seeds, labels)
-    shape, bs = _image_shape(model), _batch_size(batch_size, len(seeds))
-    opts = tuple(sorted(sampler_options.items()))
-    sigma_min, sigma_max = _sigma_range(model, sigma_min, sigma_max)
-    guided = classes is not None and float(cfg_scale) != 1.0
+    _resolve_labels(labels, len(seed_arr), label_dim, cfg_scale)  # validate before compute
+    classes = class_labels(rng, model, seed_arr, labels)
+    shape, bs = _image_shape(model), _batch_size(batch_size, len(seed_arr))
+    lo, hi = _sigma_range(model, sigma_min, sigma_max)
     spec = _Spec(
-        sampler, shape, label_dim, num_steps, sigma_min, sigma_max, float(rho), guided, opts
-    )
+        sampler, shape, label_dim, num_steps, lo, hi, float(rho),
+        guided=classes is not None and float(cfg_scale) != 1.0,
+        clip=bool(getattr(model, "clip_output", True)),
+        options=tuple(sorted(sampler_options.items())),
+    )  # fmt: skip
     program = _cached_program(model, spec)
-    return _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale)
+    return _run_batches(program, rng, params, seed_arr, classes, bs, progress, cfg_scale)
+
+
+@jax.jit
+def _seed_keys(rng: Array, seeds: Array) -> Array:
+    """fold_in(rng, seed) [B] for seeds [B] (uint32)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, seeds)
 
 
 def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) -> np.ndarray:
     """Call the program on padded batches of seeds; concatenate the real images."""
-    starts = range(0, len(seeds), bs)
+    starts: Any = range(0, len(seeds), bs)
     if progress:
         import tqdm
 
@@ -328,7 +346,7 @@ def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) 
     out = []
     for start in starts:
         chunk = _pad(seeds[start : start + bs], bs)  # [bs]
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.asarray(chunk % 2**32, jnp.uint32))
+        keys = _seed_keys(rng, jnp.asarray(chunk % 2**32, jnp.uint32))
         cls = (
             None
             if classes is None

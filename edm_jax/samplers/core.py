@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-Denoiser = Callable[[Array, Array], Array]
+from edm_jax.types import Array, Denoiser, StepCallback
 
 
 def append_dims(v: Array, ndim: int) -> Array:
@@ -49,12 +50,40 @@ def prepare(x: Array, sigmas: Array) -> tuple[Array, Array]:
     return x, sigmas
 
 
-def scan_steps(step: Callable, carry, num_steps: int, return_trajectory: bool):
-    """Run ``step(carry, i) -> (carry, (x, denoised))`` for i < num_steps as one lax.scan."""
+def with_extra_args(denoise: Denoiser, extra_args: dict | None) -> Denoiser:
+    """k-diffusion's ``extra_args``: keywords passed to every denoiser call."""
+    if extra_args is None:
+        return denoise
+    if not isinstance(extra_args, dict):
+        raise ValueError(f"extra_args must be a dict of keyword arguments, got {extra_args!r}")
+    return functools.partial(denoise, **extra_args) if extra_args else denoise
+
+
+def emit(callback: StepCallback | None, info: dict[str, Any]) -> None:
+    """Send k-diffusion's per-step info dict to ``callback`` on the host (nothing when None)."""
+    if callback is not None:
+        jax.debug.callback(callback, info, ordered=True)
+
+
+def scan_steps(
+    step: Callable,
+    carry,
+    num_steps: int,
+    return_trajectory: bool,
+    callback: StepCallback | None = None,
+    sigmas: Array | None = None,
+):
+    """Run ``step(carry, i) -> (carry, (x, denoised[, sigma_hat]))`` for i < num_steps as one
+    lax.scan; ``callback`` gets {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} per step."""
 
     def body(c, i):
         c, out = step(c, i)
-        return c, (out if return_trajectory else None)
+        if callback is not None:
+            sigma = sigmas[i]  # type: ignore[index]
+            sigma_hat = out[2] if len(out) > 2 else sigma
+            info = {"x": out[0], "i": i, "sigma": sigma, "sigma_hat": sigma_hat}
+            emit(callback, info | {"denoised": out[1]})
+        return c, (out[:2] if return_trajectory else None)
 
     carry, traj = jax.lax.scan(body, carry, jnp.arange(num_steps))
     return carry, (None if traj is None else {"x": traj[0], "denoised": traj[1]})

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from edm_jax.samplers.core import ancestral_step, call, is_zero, prepare
+from edm_jax.samplers.core import ancestral_step, call, emit, is_zero, prepare, with_extra_args
 from edm_jax.samplers.noise import resolve_noise
 
 Array = jax.Array
@@ -148,13 +148,26 @@ def _fast_orders(n: int) -> list[int]:
 
 
 def sample_dpm_fast(
-    denoise, x, sigma_min, sigma_max, n, *, rng=None, noise_sampler=None, eta=0.0, s_noise=1.0
+    denoise,
+    x,
+    sigma_min,
+    sigma_max,
+    n,
+    *,
+    rng=None,
+    noise_sampler=None,
+    eta=0.0,
+    s_noise=1.0,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """DPM-Solver-Fast: n evaluations as 3rd-order steps then a 2nd/1st-order tail, t uniform."""
     _check_range(sigma_min, sigma_max)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n (number of evaluations) must be an int >= 1, got {n!r}")
     x, _ = prepare(x, jnp.array([1.0, 0.0]))
+    denoise = with_extra_args(denoise, extra_args)
     noise = None if is_zero(eta) else resolve_noise(noise_sampler, rng, x, "dpm_fast")
     t_start, t_end = _time_range(sigma_min, sigma_max)
     orders = _fast_orders(n)
@@ -164,7 +177,14 @@ def sample_dpm_fast(
     def one(x, i, order):
         t, t_next = ts[i], ts[i + 1]
         t_next_, su = _noisy_target(t, t_next, t_end, eta) if noise else (t_next, 0.0)
-        x = _STEPS[order](denoise, x, t, t_next_, _eps(denoise, x, t))
+        eps = _eps(denoise, x, t)
+        if callback is not None:  # k-diffusion's info: sigma_hat = sigma(t)
+            sigma = _sigma(t)
+            denoised = x - sigma.astype(x.dtype) * eps
+            emit(
+                callback, {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
+            )
+        x = _STEPS[order](denoise, x, t, t_next_, eps)
         if noise is not None:
             x = x + (su * s_noise) * noise(_sigma(t), _sigma(t_next))
         return x
@@ -184,13 +204,12 @@ def _pid_factor(errs: Array, b: tuple[float, float, float]) -> Array:
     return 1 + jnp.arctan(factor - 1)
 
 
-def _embedded_pair(denoise, x, s, t_, order) -> tuple[Array, Array, Array]:
-    """(x_low, x_high, x_low - x_high): DPM-Solver-12 or -23 from s to t_, order evaluations.
+def _embedded_pair(denoise, x, s, t_, order, eps) -> tuple[Array, Array, Array]:
+    """(x_low, x_high, x_low - x_high): DPM-Solver-12 or -23 from s to t_, eps = eps(x; s).
 
     The pair shares its evaluations as k-diffusion's eps cache does; the difference is
     formed from the correction terms, free of the cancellation of x_low - x_high.
     """
-    eps = _eps(denoise, x, s)
     h = t_ - s
     base = _step1(denoise, x, s, t_, eps)
     r1 = 0.5 if order == 2 else 1 / 3
@@ -208,7 +227,7 @@ def _scaled_error(x_low, diff, x_prev, rtol, atol) -> Array:
     return jnp.linalg.norm((diff / delta).ravel()) / math.sqrt(x_low.size)
 
 
-def _adaptive_body(denoise, noise, opts: dict):
+def _adaptive_body(denoise, noise, opts: dict, callback=None):
     """One attempted step of the adaptive solver: propose, estimate, accept or reject."""
     order, t_end, eta = opts["order"], opts["t_end"], opts["eta"]
 
@@ -216,7 +235,8 @@ def _adaptive_body(denoise, noise, opts: dict):
         s = st["s"]
         t = jnp.minimum(t_end, s + st["h"].astype(F32))
         t_, su = _noisy_target(s, t, t_end, eta) if noise else (t, 0.0)
-        x_low, x_high, diff = _embedded_pair(denoise, st["x"], s, t_, order)
+        eps = _eps(denoise, st["x"], s)
+        x_low, x_high, diff = _embedded_pair(denoise, st["x"], s, t_, order, eps)
         error = _scaled_error(x_low, diff, st["x_prev"], opts["rtol"], opts["atol"])
         inv = 1 / (error.astype(st["h"].dtype) + 1e-8)
         errs = jnp.where(st["first"], jnp.full(3, inv), st["errs"]).at[0].set(inv)
@@ -225,6 +245,11 @@ def _adaptive_body(denoise, noise, opts: dict):
         if noise is not None:
             x_high = x_high + (su * opts["s_noise"]) * noise(_sigma(s), _sigma(t))
         keep = lambda a, b: jnp.where(accept, a, b)  # noqa: E731
+        if callback is not None:  # k-diffusion's info after each attempted step
+            sigma = _sigma(s)
+            denoised = st["x"] - sigma.astype(eps.dtype) * eps
+            info = {"x": keep(x_high, st["x"]), "i": st["steps"], "sigma": sigma}
+            emit(callback, info | {"sigma_hat": sigma, "denoised": denoised, "error": error})
         return {
             "x": keep(x_high, st["x"]),
             "x_prev": keep(x_low, st["x_prev"]),
@@ -279,12 +304,16 @@ def sample_dpm_adaptive(
     s_noise=1.0,
     max_steps=10_000,
     return_info=False,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """DPM-Solver-12/23 with PID step-size control (Lu et al. 2022), one lax.while_loop."""
     _check_range(sigma_min, sigma_max)
     if order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order!r}")
     x, _ = prepare(x, jnp.array([1.0, 0.0]))
+    denoise = with_extra_args(denoise, extra_args)
     noise = None if is_zero(eta) else resolve_noise(noise_sampler, rng, x, "dpm_adaptive")
     t_start, t_end = _time_range(sigma_min, sigma_max)
     opts = {
@@ -299,7 +328,7 @@ def sample_dpm_adaptive(
     }
     state = _adaptive_init(x, t_start, h_init)
     cond = lambda st: (st["s"] < t_end - F32(1e-5)) & (st["steps"] < max_steps)  # noqa: E731
-    state = jax.lax.while_loop(cond, _adaptive_body(denoise, noise, opts), state)
+    state = jax.lax.while_loop(cond, _adaptive_body(denoise, noise, opts, callback), state)
     if not return_info:
         return state["x"]
     info = {k: state[k] for k in ("steps", "n_accept", "n_reject")}

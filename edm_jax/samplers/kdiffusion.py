@@ -21,6 +21,7 @@ from edm_jax.samplers.core import (
     prepare,
     scan_steps,
     to_d,
+    with_extra_args,
 )
 from edm_jax.samplers.noise import resolve_brownian, resolve_noise
 
@@ -43,7 +44,12 @@ def _churn(x, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
 
 
 def _noise_if(pred, noise, sigma, sigma_next, scale):
-    """noise(sigma, sigma_next) * scale where pred holds, else 0 (noise is not called at 0)."""
+    """noise(sigma, sigma_next) * scale where pred holds, else 0 (noise is not called at 0).
+
+    No noise sampler (eta = 0): 0, the noise's scale sigma_up being 0 then.
+    """
+    if noise is None:
+        return 0.0
     return jnp.where(pred, noise(sigma, jnp.where(pred, sigma_next, sigma)) * scale, 0.0)
 
 
@@ -68,8 +74,12 @@ def _first_order_churn_sampler(name, second_order):
         s_tmax=INF,
         s_noise=1.0,
         return_trajectory=False,
+        extra_args=None,
+        callback=None,
+        disable=None,
     ):
         x, sigmas = prepare(x, sigmas)
+        denoise = with_extra_args(denoise, extra_args)
         n = sigmas.shape[0] - 1
         noise = _churn_noise(rng, noise_sampler, x, s_churn, name)
 
@@ -79,15 +89,15 @@ def _first_order_churn_sampler(name, second_order):
             denoised = call(denoise, x, sigma_hat)
             d = to_d(x, sigma_hat, denoised)
             if second_order is None:
-                return x + d * (sigma_next - sigma_hat), (x, denoised)
+                return x + d * (sigma_next - sigma_hat), (x, denoised, sigma_hat)
             x_new = jax.lax.cond(
                 sigma_next > 0,
                 lambda: second_order(denoise, x, d, sigma_hat, sigma_next),
                 lambda: x + d * (sigma_next - sigma_hat),
             )
-            return x_new, (x, denoised)
+            return x_new, (x, denoised, sigma_hat)
 
-        x, traj = scan_steps(step, x, n, return_trajectory)
+        x, traj = scan_steps(step, x, n, return_trajectory, callback, sigmas)
         return finish(x, traj, return_trajectory)
 
     sampler.__name__ = f"sample_{name}"
@@ -131,9 +141,13 @@ def _ancestral_sampler(name, second_order):
         eta=1.0,
         s_noise=1.0,
         return_trajectory=False,
+        extra_args=None,
+        callback=None,
+        disable=None,
     ):
         x, sigmas = prepare(x, sigmas)
-        noise = resolve_noise(noise_sampler, rng, x, name)
+        denoise = with_extra_args(denoise, extra_args)
+        noise = None if is_zero(eta) else resolve_noise(noise_sampler, rng, x, name)
 
         def step(x, i):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -150,7 +164,7 @@ def _ancestral_sampler(name, second_order):
             x_new = x_new + _noise_if(sigma_next > 0, noise, sigma, sigma_next, s_noise * sigma_up)
             return x_new, (x, denoised)
 
-        x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory)
+        x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory, callback, sigmas)
         return finish(x, traj, return_trajectory)
 
     sampler.__name__ = f"sample_{name}"
@@ -194,12 +208,23 @@ def lms_coefficients(sigmas: Array, i, order: int) -> Array:
 
 
 def sample_lms(
-    denoise, x, sigmas, *, order=4, return_trajectory=False, rng=None, noise_sampler=None
+    denoise,
+    x,
+    sigmas,
+    *,
+    order=4,
+    return_trajectory=False,
+    rng=None,
+    noise_sampler=None,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """Linear multistep (Adams-Bashforth in sigma) of any order, history in the scan carry."""
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"lms order must be an int >= 1, got {order!r}")
     x, sigmas = prepare(x, sigmas)
+    denoise = with_extra_args(denoise, extra_args)
     ds = jnp.zeros((order,) + x.shape, x.dtype)  # ds[0] newest
 
     def step(carry, i):
@@ -210,7 +235,9 @@ def sample_lms(
         x_new = x + jnp.tensordot(coeffs, ds, axes=1)
         return (x_new, ds), (x, denoised)
 
-    (x, _), traj = scan_steps(step, (x, ds), sigmas.shape[0] - 1, return_trajectory)
+    (x, _), traj = scan_steps(
+        step, (x, ds), sigmas.shape[0] - 1, return_trajectory, callback, sigmas
+    )
     return finish(x, traj, return_trajectory)
 
 
@@ -235,10 +262,14 @@ def sample_dpmpp_2s_ancestral(
     eta=1.0,
     s_noise=1.0,
     return_trajectory=False,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
     x, sigmas = prepare(x, sigmas)
-    noise = resolve_noise(noise_sampler, rng, x, "dpmpp_2s_ancestral")
+    denoise = with_extra_args(denoise, extra_args)
+    noise = None if is_zero(eta) else resolve_noise(noise_sampler, rng, x, "dpmpp_2s_ancestral")
 
     def second(x, sigma, sigma_down, denoised):
         t, t_next = _t(sigma), _t(sigma_down)
@@ -257,7 +288,7 @@ def sample_dpmpp_2s_ancestral(
         x_new = x_new + _noise_if(sigma_next > 0, noise, sigma, sigma_next, s_noise * sigma_up)
         return x_new, (x, denoised)
 
-    x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory)
+    x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory, callback, sigmas)
     return finish(x, traj, return_trajectory)
 
 
@@ -272,10 +303,14 @@ def sample_dpmpp_sde(
     s_noise=1.0,
     r=0.5,
     return_trajectory=False,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """DPM-Solver++ (stochastic, two stages per step), Brownian-tree noise by default."""
     x, sigmas = prepare(x, sigmas)
-    noise = resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_sde")
+    denoise = with_extra_args(denoise, extra_args)
+    noise = None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_sde")
     fac = 1 / (2 * r)
 
     def sde_step(x, sigma, sigma_next, denoised):
@@ -285,13 +320,14 @@ def sample_dpmpp_sde(
         sd, su = ancestral_step(_sigma(t), _sigma(s), eta)
         s_ = _t(sd)
         x_2 = (_sigma(s_) / _sigma(t)) * x - jnp.expm1(t - s_) * denoised
-        x_2 = x_2 + noise(_sigma(t), _sigma(s)) * s_noise * su
+        if noise is not None:  # eta = 0: su = 0
+            x_2 = x_2 + noise(_sigma(t), _sigma(s)) * s_noise * su
         denoised_2 = call(denoise, x_2, _sigma(s))
         sd, su = ancestral_step(_sigma(t), _sigma(t_next), eta)
         t_next_ = _t(sd)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (_sigma(t_next_) / _sigma(t)) * x - jnp.expm1(t - t_next_) * denoised_d
-        return x + noise(_sigma(t), _sigma(t_next)) * s_noise * su
+        return x if noise is None else x + noise(_sigma(t), _sigma(t_next)) * s_noise * su
 
     def step(x, i):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -302,13 +338,25 @@ def sample_dpmpp_sde(
         )
         return x_new, (x, denoised)
 
-    x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory)
+    x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory, callback, sigmas)
     return finish(x, traj, return_trajectory)
 
 
-def sample_dpmpp_2m(denoise, x, sigmas, *, return_trajectory=False, rng=None, noise_sampler=None):
+def sample_dpmpp_2m(
+    denoise,
+    x,
+    sigmas,
+    *,
+    return_trajectory=False,
+    rng=None,
+    noise_sampler=None,
+    extra_args=None,
+    callback=None,
+    disable=None,
+):
     """DPM-Solver++(2M): second-order multistep in log sigma."""
     x, sigmas = prepare(x, sigmas)
+    denoise = with_extra_args(denoise, extra_args)
 
     def step(carry, i):
         x, old_denoised = carry
@@ -325,7 +373,9 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, return_trajectory=False, rng=None, no
         x_new = (sigma_next / sigma) * x - jnp.expm1(-h) * denoised_d
         return (x_new, denoised), (x, denoised)
 
-    (x, _), traj = scan_steps(step, (x, jnp.zeros_like(x)), sigmas.shape[0] - 1, return_trajectory)
+    (x, _), traj = scan_steps(
+        step, (x, jnp.zeros_like(x)), sigmas.shape[0] - 1, return_trajectory, callback, sigmas
+    )
     return finish(x, traj, return_trajectory)
 
 
@@ -347,11 +397,15 @@ def sample_dpmpp_2m_sde(
     s_noise=1.0,
     solver_type="midpoint",
     return_trajectory=False,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """DPM-Solver++(2M) SDE with the 'midpoint' or 'heun' correction; Brownian-tree noise."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     x, sigmas = prepare(x, sigmas)
+    denoise = with_extra_args(denoise, extra_args)
     noise = (
         None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_2m_sde")
     )
@@ -377,7 +431,9 @@ def sample_dpmpp_2m_sde(
         return (x_new, denoised, h), (x, denoised)
 
     carry = (x, jnp.zeros_like(x), jnp.ones([], x.dtype))
-    (x, _, _), traj = scan_steps(step, carry, sigmas.shape[0] - 1, return_trajectory)
+    (x, _, _), traj = scan_steps(
+        step, carry, sigmas.shape[0] - 1, return_trajectory, callback, sigmas
+    )
     return finish(x, traj, return_trajectory)
 
 
@@ -406,9 +462,13 @@ def sample_dpmpp_3m_sde(
     eta=1.0,
     s_noise=1.0,
     return_trajectory=False,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """DPM-Solver++(3M) SDE: third-order multistep with Brownian-tree noise."""
     x, sigmas = prepare(x, sigmas)
+    denoise = with_extra_args(denoise, extra_args)
     noise = (
         None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_3m_sde")
     )
@@ -431,5 +491,7 @@ def sample_dpmpp_3m_sde(
 
     one = jnp.ones([], x.dtype)
     carry = (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one)
-    (x, *_), traj = scan_steps(step, carry, sigmas.shape[0] - 1, return_trajectory)
+    (x, *_), traj = scan_steps(
+        step, carry, sigmas.shape[0] - 1, return_trajectory, callback, sigmas
+    )
     return finish(x, traj, return_trajectory)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from edm_jax.samplers.core import call, finish, prepare, scan_steps, to_d
+from edm_jax.samplers.core import call, finish, prepare, scan_steps, to_d, with_extra_args
 
 Array = jax.Array
 
@@ -24,12 +24,23 @@ _AB = (
 
 
 def sample_ipndm(
-    denoise, x, sigmas, *, order=4, return_trajectory=False, rng=None, noise_sampler=None
+    denoise,
+    x,
+    sigmas,
+    *,
+    order=4,
+    return_trajectory=False,
+    rng=None,
+    noise_sampler=None,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """Improved PNDM: Adams-Bashforth of order min(i + 1, order) on the EDM ODE (order <= 4)."""
     if order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm order must be 1, 2, 3 or 4, got {order!r}")
     x, sigmas = prepare(x, sigmas)
+    denoise = with_extra_args(denoise, extra_args)
     table = jnp.zeros((4, 4), x.dtype)
     for k, row in enumerate(_AB):
         table = table.at[k, : len(row)].set(jnp.asarray(row, x.dtype))
@@ -43,7 +54,9 @@ def sample_ipndm(
         return (x_new, ds), (x, denoised)
 
     ds = jnp.zeros((order,) + x.shape, x.dtype)
-    (x, _), traj = scan_steps(step, (x, ds), sigmas.shape[0] - 1, return_trajectory)
+    (x, _), traj = scan_steps(
+        step, (x, ds), sigmas.shape[0] - 1, return_trajectory, callback, sigmas
+    )
     return finish(x, traj, return_trajectory)
 
 
@@ -93,11 +106,21 @@ def sample_unipc(
     return_trajectory=False,
     rng=None,
     noise_sampler=None,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
-    """UniPC-bh2 multistep predictor-corrector (data prediction), order warm-up, N NFE."""
+    """UniPC-bh2 multistep predictor-corrector (data prediction), order warm-up, N NFE.
+
+    ``lower_order_final`` lowers the order of the last steps (to 1 at the last positive
+    step) only on grids of fewer than 10 positive steps, as DPM-Solver's reference does.
+    The UniPC reference and diffusers' UniPCMultistepScheduler lower it at any step count,
+    so at 10+ steps their last steps are of lower order than ours (ours keeps ``order``).
+    """
     if order not in (1, 2, 3, 4):
         raise ValueError(f"unipc order must be 1, 2, 3 or 4, got {order!r}")
     x, sigmas = prepare(x, sigmas)
+    denoise = with_extra_args(denoise, extra_args)
     n = sigmas.shape[0] - 1
     models = jnp.zeros((order,) + x.shape, x.dtype).at[0].set(call(denoise, x, sigmas[0]))
     lams = jnp.zeros([order], x.dtype).at[0].set(-jnp.log(sigmas[0]))
@@ -129,5 +152,5 @@ def sample_unipc(
         )
         return new, (x, denoised)
 
-    (x, _, _), traj = scan_steps(step, (x, models, lams), n, return_trajectory)
+    (x, _, _), traj = scan_steps(step, (x, models, lams), n, return_trajectory, callback, sigmas)
     return finish(x, traj, return_trajectory)

@@ -1,53 +1,85 @@
-"""Sample grids during training: EMA params, fixed seed, EDM's Heun sampler (Algorithm 1)."""
+"""Sample grids during training through ``edm_jax.sample`` (the one sampling path).
+
+A grid has one column per class (at most ``MAX_GRID_COLS``) or ``sample_grid`` columns for
+unconditional models, and ``sample_grid`` rows. It is drawn in batches of at most
+``MAX_BATCH_PER_DEVICE`` images per local device, so even ImageNet's 1000 classes never ask
+for thousands of network calls in one batch. Seed i is image i (class i % classes), so a
+grid image equals ``edm_jax.sample(rng, params, model, seeds=[i], labels=[i % classes])``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from edm_jax import schedules
+from edm_jax import api
+from edm_jax.types import Array
 
-Array = jax.Array
+__all__ = [
+    "MAX_BATCH_PER_DEVICE", "MAX_GRID_COLS", "GridSampler", "grid_labels", "grid_shape",
+    "make_grid_sampler", "save_grid", "tile_images",
+]  # fmt: skip
 
-__all__ = ["grid_labels", "make_grid_sampler", "save_grid", "tile_images"]
+MAX_BATCH_PER_DEVICE = 16  # images per device in one grid batch
+MAX_GRID_COLS = 32  # classes shown in a grid of a conditional model
 
 
-def grid_labels(n: int, label_dim: int) -> Array | None:
+def grid_labels(n: int, label_dim: int) -> np.ndarray | None:
     """Class i % label_dim for sample i (each grid column one class when width = classes)."""
-    return jnp.arange(n, dtype=jnp.int32) % label_dim if label_dim else None
+    return np.arange(n, dtype=np.int64) % label_dim if label_dim else None
+
+
+def grid_shape(label_dim: int, sample_grid: int) -> tuple[int, int]:
+    """(rows, cols) of a training grid: one column per class (capped), sample_grid rows."""
+    cols = min(label_dim, MAX_GRID_COLS) if label_dim else sample_grid
+    return sample_grid, cols
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSampler:
+    """fn(rng, params) -> n samples [n, H, W, C] through edm_jax.sample, in bounded batches."""
+
+    model: Any
+    n: int
+    batch_size: int  # images per call of the compiled program (all local devices)
+    options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def per_device(self) -> int:
+        """Images per device in one batch."""
+        return -(-self.batch_size // jax.local_device_count())
+
+    def __call__(self, rng: Array, params: Any) -> np.ndarray:
+        """The grid's images [n, H, W, C] in [-1, 1] (numpy float32)."""
+        labels = grid_labels(self.n, self.model.label_dim)
+        return api.sample(
+            rng, params, self.model, seeds=np.arange(self.n), labels=labels,
+            batch_size=self.batch_size, **self.options,
+        )  # fmt: skip
 
 
 def make_grid_sampler(
-    model, *, n: int, steps: int = 18, sampler: str = "heun", sigma_max: float = 80.0
-) -> Callable[[Array, object], Array]:
-    """jit fn(rng, params) -> n samples [n,H,W,C] in [-1,1], class i % classes for sample i."""
-    from edm_jax.samplers import SAMPLERS  # the sampler module lands beside this one
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
-    lo = max(float(model.precond.sigma_min), 0.002)
-    hi = min(float(model.precond.sigma_max), sigma_max)
-    sigmas = schedules.karras(steps, lo, hi)
-    labels = grid_labels(n, model.label_dim)
-    shape = (n, model.img_resolution, model.img_resolution, model.img_channels)
-
-    @jax.jit
-    def sample(rng: Array, params) -> Array:
-        k_x, k_s = jax.random.split(rng)
-        x = jax.random.normal(k_x, shape, jnp.float32) * sigmas[0]
-
-        def denoise(x, sigma):
-            return model.denoise(params, x, sigma, labels=labels)
-
-        return jnp.clip(SAMPLERS[sampler](denoise, x, sigmas, rng=k_s), -1.0, 1.0)
-
-    return sample
+    model,
+    *,
+    n: int,
+    steps: int = 18,
+    sampler: str = "heun",
+    sigma_max: float = 80.0,
+    max_batch_per_device: int = MAX_BATCH_PER_DEVICE,
+) -> GridSampler:
+    """A GridSampler of n images (sample i of class i % classes), checked before any compute."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"grid size n must be an int >= 1, got {n!r}")
+    options = dict(sampler=sampler, num_steps=steps, sigma_max=sigma_max)
+    api.check_sample_args(sampler, steps, None)
+    batch = min(n, max_batch_per_device * jax.local_device_count())
+    return GridSampler(model, n, batch, options)
 
 
 def tile_images(images: np.ndarray, cols: int, min_tile: int = 32) -> np.ndarray:
@@ -55,7 +87,7 @@ def tile_images(images: np.ndarray, cols: int, min_tile: int = 32) -> np.ndarray
     n, H, W, C = images.shape
     rows = -(-n // cols)
     s = max(1, -(-min_tile // H))
-    x = np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+    x = api.to_uint8(images)  # the package's one quantisation (NVlabs: x * 127.5 + 128)
     x = np.concatenate([x, np.zeros((rows * cols - n, H, W, C), np.uint8)])
     x = x.repeat(s, axis=1).repeat(s, axis=2)
     x = x.reshape(rows, cols, H * s, W * s, C).transpose(0, 2, 1, 3, 4)

@@ -133,22 +133,26 @@ def _maybe_grid(run: Run, sampler, step: int, prev_step: int | None) -> str | No
         prev_step * bs / 1000 / every
     ):
         return None
-    images = jax.device_get(sampler(jax.random.key(run.config.log.sample_seed), run.state.ema))
-    cols = run.model.label_dim or run.config.log.sample_grid
+    ema = run.state.ema
+    if jax.process_count() > 1:  # edm_jax.sample runs on the local devices: gather the EMA
+        from jax.experimental import multihost_utils
+
+        ema = multihost_utils.process_allgather(ema, tiled=True)
+    images = sampler(jax.random.key(run.config.log.sample_seed), ema)  # [n, H, W, C] numpy
+    _, cols = grid.grid_shape(run.model.label_dim, run.config.log.sample_grid)
     path = run.workdir / "samples" / f"grid_{step:08d}.png"
-    if jax.process_index() == 0:  # every process samples (one global computation), one writes
+    if jax.process_index() == 0:  # every process samples the same seeds, one writes
         grid.save_grid(path, np.asarray(images), cols)
         grid.save_grid(run.workdir / "samples" / "latest.png", np.asarray(images), cols)
     return str(path)
 
 
 def _make_sampler(run: Run):
-    """The grid sampler, or None when grids are off."""
+    """The grid sampler (edm_jax.sample in bounded batches), or None when grids are off."""
     if run.config.log.sample_every_kimg <= 0:
         return None
-    cols = run.model.label_dim or run.config.log.sample_grid
-    n = cols * run.config.log.sample_grid
-    return grid.make_grid_sampler(run.model, n=n, steps=run.config.log.sample_steps)
+    rows, cols = grid.grid_shape(run.model.label_dim, run.config.log.sample_grid)
+    return grid.make_grid_sampler(run.model, n=rows * cols, steps=run.config.log.sample_steps)
 
 
 def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
