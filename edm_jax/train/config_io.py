@@ -40,7 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
         net=ml_collections.ConfigDict(),  # network field overrides (model_channels, ...)
         precond_kwargs=ml_collections.ConfigDict(),
     )  # fmt: skip
-    c.loss = _section(name="edm", kwargs=ml_collections.ConfigDict())
+    # loss: a preset (edm/vp/ve) whose sigma density and weighting can be replaced
+    # ('' keeps the preset's); kwargs: the density's options, sigma_data, uncertainty.
+    c.loss = _section(name="edm", density="", weighting="", kwargs=ml_collections.ConfigDict())
     c.optim = _section(lr=1e-3, lr_rampup_kimg=10000.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0)
     # EDM: half-life in kimg with ramp-up (None-like: rampup_ratio=0); EDM2: power-EMA stds.
     c.ema = _section(halflife_kimg=500.0, rampup_ratio=0.05, power_stds=())

@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from edm_jax import losses
 from edm_jax.data.augment import augment
-from edm_jax.losses import make_loss
 from edm_jax.train.state import (
     TrainState,
     edm_ema_beta,
@@ -112,7 +112,7 @@ def _self_cond_denoiser(model, rng: Array, remat: str, prob: float) -> Callable:
 
 def make_loss_fn(model, config: ml_collections.ConfigDict) -> Callable:
     """loss_fn(rng, params, micro_batch) -> (loss, aux): augmentation, dropout, self-cond."""
-    kwargs = config.loss.kwargs.to_dict()
+    spec = losses.from_config(config.loss.to_dict())
 
     def loss_fn(rng, params, batch):
         k_aug, k_drop, k_loss = jax.random.split(rng, 3)
@@ -127,7 +127,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict) -> Callable:
             )
         else:
             denoise = _denoiser(model, k_drop, config.train.remat)
-        return make_loss(config.loss.name, denoise, **kwargs)(k_loss, params, batch)
+        return losses.diffusion_loss(k_loss, params, batch, denoise=denoise, spec=spec)
 
     return loss_fn
 

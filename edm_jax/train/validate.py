@@ -5,13 +5,12 @@ Every error is a ValueError that names the config key, the bad value and the val
 
 from __future__ import annotations
 
-import inspect
-
 import ml_collections
 
+from edm_jax import losses
+from edm_jax.checks import did_you_mean
 from edm_jax.data.augment import augment_dim
 from edm_jax.data.load import SOURCES
-from edm_jax.losses import LOSSES
 from edm_jax.nets.model import DiffusionModel
 from edm_jax.nets.presets import (
     ARCHITECTURES,
@@ -22,6 +21,7 @@ from edm_jax.nets.presets import (
     resolve_arch,
 )
 from edm_jax.precond import PRECONDS
+from edm_jax.schedules import DENSITIES
 
 __all__ = ["REMAT", "build_model_from_config", "validate_config", "validate_data"]
 
@@ -31,7 +31,8 @@ REMAT = ("none", "dots", "full")
 def _choice(key: str, value, valid) -> None:
     """Raise ValueError naming key unless value is one of valid."""
     if value not in valid:
-        raise ValueError(f"config.{key}={value!r} is not valid; valid: {sorted(valid)}")
+        hint = did_you_mean(value, valid) if isinstance(value, str) else ""
+        raise ValueError(f"config.{key}={value!r} is not valid{hint}; valid: {sorted(valid)}")
 
 
 def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
@@ -45,6 +46,19 @@ def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = 
             raise ValueError(f"config.{key} must be a number {sign}, got {value!r}")
 
 
+def _check_loss(loss: ml_collections.ConfigDict) -> None:
+    """The loss preset, its sigma density, weighting and options exist (losses.from_config)."""
+    _choice("loss.name", loss.name, losses.PRESETS)
+    if loss.density:
+        _choice("loss.density", loss.density, DENSITIES)
+    if loss.weighting:
+        _choice("loss.weighting", loss.weighting, losses.WEIGHTINGS)
+    try:
+        losses.from_config(loss.to_dict())
+    except ValueError as e:
+        raise ValueError(f"config.loss.kwargs: {e}") from None
+
+
 def _check_net(config: ml_collections.ConfigDict) -> None:
     """Architecture, network overrides, precond, dtype, loss and its options exist."""
     _choice("model.arch", config.model.arch, [*PRESETS, *ARCHITECTURES])
@@ -53,10 +67,7 @@ def _check_net(config: ml_collections.ConfigDict) -> None:
         _choice(f"model.net.{key}", key, net_fields(net_cls))
     _choice("model.precond", config.model.precond, PRECONDS)
     _choice("model.dtype", config.model.dtype, DTYPES)
-    _choice("loss.name", config.loss.name, LOSSES)
-    options = set(inspect.signature(LOSSES[config.loss.name]).parameters) - {"rng", "params"}
-    for key in config.loss.kwargs.keys():
-        _choice(f"loss.kwargs.{key}", key, options - {"batch", "denoise"})
+    _check_loss(config.loss)
     _choice("train.remat", config.train.remat, REMAT)
     _choice("data.name", config.data.name, SOURCES)
 
