@@ -30,20 +30,19 @@ class SmallConvNet(nn.Module):
 
 
 def _program(name, denoise, sigmas, steps):
-    """(jitted x -> (x, step count)) for sampler `name`."""
+    """(jitted x -> (x, step count)) for sampler `name`, called as its registry entry says."""
     rng = jax.random.key(0)
-    if name == "edm_sampler":
+    if name == "edm_sampler":  # NVlabs/edm's own convention, not in the registry
         fn = lambda x: samplers.edm_sampler(denoise, x / SIGMA_MAX, num_steps=steps)  # noqa: E731
-    elif name == "dpm_fast":
-        fn = lambda x: samplers.sample_dpm_fast(denoise, x, SIGMA_MIN, SIGMA_MAX, steps)  # noqa: E731
-    elif name == "dpm_adaptive":
-        fn = lambda x: samplers.sample_dpm_adaptive(  # noqa: E731
-            denoise, x, SIGMA_MIN, SIGMA_MAX, return_info=True
-        )
-    else:
-        fn = lambda x: samplers.SAMPLERS[name](denoise, x, sigmas, rng=rng)  # noqa: E731
-    if name == "dpm_adaptive":
-        return jax.jit(lambda x: (lambda out: (out[0], out[1]["steps"]))(fn(x)))
+        return jax.jit(lambda x: (fn(x), jnp.asarray(steps)))
+    info = samplers.sampler_info(name)
+    if info.takes == "grid":
+        fn = lambda x: info.fn(denoise, x, sigmas, rng=rng)  # noqa: E731
+    elif info.takes_n:  # a fixed number of evaluations
+        fn = lambda x: info.fn(denoise, x, SIGMA_MIN, SIGMA_MAX, steps, rng=rng)  # noqa: E731
+    else:  # adaptive: its attempted steps come back in the info dict
+        out = lambda x: info.fn(denoise, x, SIGMA_MIN, SIGMA_MAX, rng=rng, return_info=True)  # noqa: E731
+        return jax.jit(lambda x: (lambda o: (o[0], o[1]["steps"]))(out(x)))
     return jax.jit(lambda x: (fn(x), jnp.asarray(steps)))
 
 

@@ -54,15 +54,18 @@ def to_digit_features(images: np.ndarray) -> np.ndarray:
 
 
 def sample_digits(workdir: str, per_class: int, steps: int, seed: int) -> np.ndarray:
-    """per_class samples of each class (sample i has class i % 10), EMA params, Heun."""
-    from edm_jax.api import load
-    from edm_jax.train.grid import make_grid_sampler
+    """per_class samples of each class (seed i has class i % 10), EMA params, Heun, through
+    edm_jax.sample (the one sampling path: per-seed noise, batches over the devices)."""
+    from edm_jax import api
 
-    model, ema, _ = load(workdir)
+    model, ema, _ = api.load(workdir)
     if model.label_dim != 10:
         raise ValueError(f"{workdir} holds a model with label_dim={model.label_dim}, expected 10")
-    sampler = make_grid_sampler(model, n=10 * per_class, steps=steps)
-    return np.asarray(jax.device_get(sampler(jax.random.key(seed), ema)))
+    n = 10 * per_class
+    return api.sample(
+        jax.random.key(seed), ema, model, seeds=np.arange(n), labels=np.arange(n) % 10,
+        sampler="heun", num_steps=steps,
+    )  # fmt: skip
 
 
 def main(argv=None) -> dict:

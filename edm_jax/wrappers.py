@@ -12,6 +12,13 @@ x = x_0 + sigma eps and x_in = c_in x = x / sqrt(sigma^2 + 1):
 Continuous models take t = ``sigma_to_t(sigma)`` (default atan(sigma) 2/pi, as
 v-diffusion); discrete DDPM models take the timestep index t in [0, T-1] of the
 ``alphas_cumprod`` table, fractional unless ``quantize``.
+
+diffusers-style models: ``diffusers_alphas_cumprod`` builds the table from a beta schedule
+(linear, scaled_linear, squaredcos_cap_v2, optionally rescaled to zero terminal SNR) and
+``diffusers_sigmas`` the grid of diffusers' ``leading`` / ``trailing`` / ``linspace``
+timestep spacing, both as diffusers' EulerDiscreteScheduler computes them.
+``SamplingModel`` makes any such denoiser samplable by ``edm_jax.sample`` (its own sigma
+range, no clipping of latent outputs).
 """
 
 from __future__ import annotations
@@ -27,20 +34,32 @@ import numpy as np
 Array = jax.Array
 
 __all__ = [
+    "BETA_SCHEDULES",
+    "TIMESTEP_SPACINGS",
     "DiscreteEpsDDPMDenoiser",
     "DiscreteSchedule",
     "DiscreteVDDPMDenoiser",
     "EpsDenoiser",
+    "SamplingModel",
     "VDenoiser",
     "X0Denoiser",
     "atan_sigma_to_t",
     "atan_t_to_sigma",
+    "beta_schedule",
+    "diffusers_alphas_cumprod",
+    "diffusers_sigmas",
+    "diffusers_timesteps",
+    "rescale_zero_terminal_snr",
 ]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+ZERO_SNR_ALPHABAR = 2.0**-24  # diffusers: alphas_cumprod[-1] when rescaled to zero SNR
 
 
 def _f(x) -> Array:
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    return jnp.asarray(x, dtype)
+    """x as the widest enabled float (float64 with x64 on, else float32)."""
+    return jnp.asarray(x, jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def _expand(c: Array, ndim: int) -> Array:
@@ -126,7 +145,9 @@ class _DiscreteTable:
     quantize: bool
 
     def __post_init__(self):
-        ac = np.asarray(self.alphas_cumprod, np.float64)
+        ac = np.array(self.alphas_cumprod, np.float64)
+        if ac.ndim == 1 and ac.size >= 2 and ac[-1] == 0:  # zero terminal SNR: sigma = inf
+            ac[-1] = ZERO_SNR_ALPHABAR  # as diffusers, so the first sigma is finite
         if ac.ndim != 1 or ac.size < 2 or not np.all((ac > 0) & (ac < 1)):
             raise ValueError(f"alphas_cumprod must be 1-D with >= 2 values in (0, 1), got {ac}")
         if not np.all(np.diff(ac) < 0):
@@ -179,6 +200,12 @@ class _DiscreteTable:
         t = jnp.linspace(len(self.alphas_cumprod) - 1, 0, n)
         return jnp.concatenate([self.t_to_sigma(t), jnp.zeros([1], self.sigmas.dtype)])
 
+    def diffusers_sigmas(
+        self, n: int, timestep_spacing: str = "linspace", steps_offset: int = 0
+    ) -> np.ndarray:
+        """n + 1 sigmas ending in 0 at diffusers' timesteps (see ``diffusers_sigmas``)."""
+        return diffusers_sigmas(self.alphas_cumprod, n, timestep_spacing, steps_offset)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DiscreteSchedule(_DiscreteTable):
@@ -214,3 +241,161 @@ class DiscreteVDDPMDenoiser(_DiscreteTable):
         """D(x; sigma) = x / (s^2+1) - s v / sqrt(s^2+1)."""
         x, sigma, s = _vp_inputs(x, sigma)
         return _v_to_D(x, s, self.model(x / jnp.sqrt(s**2 + 1), self.sigma_to_t(sigma), **cond))
+
+
+# --------------------------------------------------------------------------- diffusers
+
+
+def _linspace32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32) bit for bit: a float32 step, each point
+    start + i step (first half) or end - (n-1-i) step rounded once (as torch's fused op)."""
+    start32, end32 = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([start32])
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n)
+    head = (np.float64(start32) + step * i).astype(np.float32)
+    tail = (np.float64(end32) - step * (n - 1 - i)).astype(np.float32)
+    return np.where(i < n // 2, head, tail)
+
+
+def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
+    """Glide's squaredcos_cap_v2: beta_t = min(1 - abar(t+1)/abar(t), max_beta), float32."""
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = [min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)]
+    return np.asarray(betas, np.float32)
+
+
+def beta_schedule(
+    name: str = "linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+) -> np.ndarray:
+    """betas [T] (float32) of diffusers' ``beta_schedule`` (linear, scaled_linear, cosine)."""
+    if name not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta_schedule {name!r}; valid: {list(BETA_SCHEDULES)}")
+    T = num_train_timesteps
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {T!r}")
+    if name == "linear":
+        return _linspace32(beta_start, beta_end, T)
+    if name == "scaled_linear":  # latent diffusion (Stable Diffusion)
+        return _linspace32(beta_start**0.5, beta_end**0.5, T) ** 2
+    return _cosine_betas(T)
+
+
+def _cumprod32(a: np.ndarray) -> np.ndarray:
+    """torch.cumprod of a float32 array on the CPU: accumulated in float64, stored float32."""
+    return np.cumprod(np.asarray(a, np.float64)).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """betas with sqrt(alphabar) shifted to end at 0 and scaled to keep its start (Lin et al.
+    2024, Algorithm 1), computed in float32 as diffusers."""
+    abar_sqrt = np.sqrt(_cumprod32(1 - np.asarray(betas, np.float32)))
+    first, last = abar_sqrt[0].copy(), abar_sqrt[-1].copy()
+    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    abar = abar_sqrt**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def diffusers_alphas_cumprod(
+    beta_schedule_name: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    rescale_betas_zero_snr: bool = False,
+) -> np.ndarray:
+    """alphas_cumprod [T] as diffusers' schedulers build it (float32; defaults: SD 1.x/2.x).
+
+    With ``rescale_betas_zero_snr`` the table ends in 2^-24 instead of 0 (as diffusers), so
+    sigma_max = sqrt((1 - 2^-24) / 2^-24) ~ 4096 is finite.
+    """
+    betas = beta_schedule(beta_schedule_name, num_train_timesteps, beta_start, beta_end)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    ac = _cumprod32(1 - betas)
+    if rescale_betas_zero_snr:
+        ac[-1] = ZERO_SNR_ALPHABAR
+    return ac
+
+
+def diffusers_timesteps(
+    n: int,
+    num_train_timesteps: int = 1000,
+    timestep_spacing: str = "linspace",
+    steps_offset: int = 0,
+) -> np.ndarray:
+    """The n timesteps [n] (float32, decreasing) of diffusers' EulerDiscreteScheduler."""
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"unknown timestep_spacing {timestep_spacing!r}; valid: {list(TIMESTEP_SPACINGS)}"
+        )
+    T = num_train_timesteps
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+        raise ValueError(f"number of steps must be an int in [1, {T}], got {n!r}")
+    if timestep_spacing == "linspace":
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    if timestep_spacing == "leading":
+        t = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32)
+        return t + np.float32(steps_offset)
+    t = np.arange(T, 0, -T / n).round().copy().astype(np.float32)  # trailing
+    return t - np.float32(1)
+
+
+def diffusers_sigmas(
+    alphas_cumprod, n: int, timestep_spacing: str = "linspace", steps_offset: int = 0
+) -> np.ndarray:
+    """n + 1 sigmas [n + 1] (float32, ending in 0) at diffusers' timesteps.
+
+    As EulerDiscreteScheduler.set_timesteps: sigma_t = sqrt((1 - abar_t) / abar_t),
+    linearly interpolated at the (possibly fractional) timesteps.
+    """
+    ac = np.asarray(alphas_cumprod)
+    t = diffusers_timesteps(n, len(ac), timestep_spacing, steps_offset)
+    table = ((1 - ac) / ac) ** 0.5
+    sigmas = np.interp(t, np.arange(0, len(table)), table)
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- edm_jax.sample
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplingModel:
+    """A denoiser (e.g. a wrapped eps/v model) in the form ``edm_jax.sample`` takes.
+
+    ``denoise(params, x, sigma, labels=None)`` calls ``denoiser(x, sigma, params=params,
+    labels=labels)`` (keywords left out when None). The sigma range is the denoiser's own
+    (``sigma_min``/``sigma_max`` attributes, e.g. a discrete table's) unless given; outputs
+    are not clipped unless ``clip_output`` (latent models produce values past [-1, 1]).
+    """
+
+    denoiser: Callable[..., Array]
+    image_shape: tuple[int, ...]
+    label_dim: int = 0
+    clip_output: bool = False
+    sigma_range: tuple[float, float] | None = None
+
+    @property
+    def sigma_min(self) -> float:
+        """Lowest noise level the denoiser is defined at."""
+        if self.sigma_range is not None:
+            return float(self.sigma_range[0])
+        return float(getattr(self.denoiser, "sigma_min", 0.0))
+
+    @property
+    def sigma_max(self) -> float:
+        """Highest noise level the denoiser is defined at."""
+        if self.sigma_range is not None:
+            return float(self.sigma_range[1])
+        return float(getattr(self.denoiser, "sigma_max", math.inf))
+
+    def denoise(self, params, x: Array, sigma, labels=None) -> Array:
+        """D(x; sigma) with params and labels passed on by keyword."""
+        cond = {} if params is None else {"params": params}
+        if labels is not None:
+            cond["labels"] = labels
+        return self.denoiser(x, sigma, **cond)
