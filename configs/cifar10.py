@@ -4,31 +4,18 @@ Variants: 'cifar10.py' (conditional DDPM++), 'cifar10.py:arch=ncsnpp',
 'cifar10.py:cond=0' (unconditional); several joined by commas ('arch=ncsnpp,cond=0').
 """
 
-from edm_jax.train.config_io import default_config
+from edm_jax.train.config_io import default_config, parse_variant
 
 ARCHS = {"ddpmpp": "ddpmpp_cifar10", "ncsnpp": "ncsnpp_cifar10"}
 
 
-def parse_variant(arg, defaults: dict) -> dict:
-    """'k=v,k2=v2' -> dict over defaults; unknown keys raise ValueError naming them."""
-    out = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in out:
-            raise ValueError(f"unknown config variant {key!r}; valid: {sorted(out)}")
-        out[key] = value
-    return out
-
-
 def get_config(arg=None):
     """EDM's CIFAR-10 recipe: batch 512, lr 1e-3 (10 Mimg ramp-up), EMA 0.5 Mimg, augment 0.12."""
-    v = parse_variant(arg, {"arch": "ddpmpp", "cond": "1"})
-    if v["arch"] not in ARCHS:
-        raise ValueError(f"unknown arch {v['arch']!r}; valid: {sorted(ARCHS)}")
+    v = parse_variant(arg, arch=tuple(ARCHS), cond=True)
     c = default_config()
     c.data.update(name="tfds", tfds_name="cifar10", resolution=32, channels=3,
-                  use_labels=v["cond"] == "1", num_workers=0)  # fmt: skip
-    c.model.arch = ARCHS[v["arch"]]
+                  use_labels=v.cond, num_workers=0)  # fmt: skip
+    c.model.arch = ARCHS[v.arch]
     c.model.net.dropout = 0.13
     c.optim.update(lr=1e-3, lr_rampup_kimg=10000.0)
     c.ema.update(halflife_kimg=500.0, rampup_ratio=0.05)

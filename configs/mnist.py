@@ -1,13 +1,14 @@
 """MNIST 28x28 from tfds, class-conditional EDM with a small DDPM++ (about an hour on one GPU)."""
 
-from edm_jax.train.config_io import default_config
+from edm_jax.train.config_io import default_config, parse_variant
 
 
 def get_config(arg=None):
-    """Small DDPM++ (64 channels, 28 -> 14 -> 7); arg 'uncond' drops the labels."""
+    """Small DDPM++ (64 channels, 28 -> 14 -> 7); variant 'cond=0' drops the labels."""
+    v = parse_variant(arg, cond=True)
     c = default_config()
     c.data.update(name="tfds", tfds_name="mnist", resolution=28, channels=1,
-                  use_labels=arg != "uncond")  # fmt: skip
+                  use_labels=v.cond)  # fmt: skip
     c.model.arch = "ddpmpp"
     c.model.net.update(
         dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7,),

@@ -1,12 +1,13 @@
 """A seconds-long config for tests: class-conditional EDM on 8x8 digits with a tiny DDPM++."""
 
-from edm_jax.train.config_io import default_config
+from edm_jax.train.config_io import default_config, parse_variant
 
 
 def get_config(arg=None):
-    """Tiny run; arg 'uncond' drops the labels."""
+    """Tiny run; variant 'cond=0' drops the labels."""
+    v = parse_variant(arg, cond=True)
     c = default_config()
-    c.data.update(name="digits", resolution=8, channels=1, use_labels=arg != "uncond")
+    c.data.update(name="digits", resolution=8, channels=1, use_labels=v.cond)
     c.model.arch = "ddpmpp"
     c.model.net.update(
         dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(), dropout=0.0)

@@ -56,6 +56,8 @@ def test_missing_config_file():
         ("model.img_resolution", 16, "model.img_resolution"),  # data is 8x8
         ("model.dtype", "float8", "model.dtype"),
         ("loss.name", "l1", "loss.name"),
+        ("loss.density", "lognormall", "did you mean 'lognormal'"),
+        ("loss.weighting", "min-snr", "loss.weighting"),
         ("train.remat", "some", "train.remat"),
         ("optim.lr", -1.0, "optim.lr"),
     ],
@@ -145,3 +147,77 @@ def test_config_flag_parser_reads_py_variants_and_yaml(tmp_path):
     assert c.optim.lr == 0.0005
     with pytest.raises(AttributeError):  # locked like config_flags' own configs
         c.optim.lrr = 1.0
+
+
+# --------------------------------------------------------------------------- variants and files
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("digits.py:uncnd", r"unknown config variant 'uncnd'.*valid: \['cfg', 'cond'\]"),
+        ("ffhq64.py:cond=0", r"unknown config variant 'cond'.*valid: \['arch'\]"),
+        ("ffhq64.py:foo", r"unknown config variant 'foo'"),
+        ("afhqv2_64.py:arch=ncsnp", r"arch='ncsnp'.*did you mean 'ncsnpp'.*\['ddpmpp', 'ncsnpp'\]"),
+        ("cifar10.py:cond=maybe", r"cond='maybe' must be a flag"),
+        ("tiny.py:arch=ncsnpp", r"unknown config variant 'arch'.*valid: \['cond'\]"),
+    ],
+)
+def test_a_variant_typo_is_an_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        config_io.load_config(str(ROOT / "configs" / spec))
+
+
+def test_variants_are_typed():
+    assert not config_io.load_config(str(ROOT / "configs" / "cifar10.py:cond=0")).data.use_labels
+    assert not config_io.load_config(str(ROOT / "configs" / "digits.py:cond=false")).data.use_labels
+    c = config_io.load_config(str(ROOT / "configs" / "digits.py:cfg"))
+    assert c.data.use_labels and c.model.net.label_dropout == 0.1
+    assert config_io.load_config(str(ROOT / "configs" / "imagenet64.py:fsdp")).train.fsdp
+    c = config_io.load_config(str(ROOT / "configs" / "afhqv2_64.py:arch=ncsnpp"))
+    assert (c.model.arch, c.model.net.dropout) == ("ncsnpp_64", 0.25)
+    v = config_io.parse_variant("n=3, lr=1e-3,name=x,on", n=1, lr=0.1, name="", on=False)
+    assert (v.n, v.lr, v.name, v.on) == (3, 1e-3, "x", True)
+    with pytest.raises(ValueError, match="n='three' must be of type int"):
+        config_io.parse_variant("n=three", n=1)
+
+
+def test_no_config_loads_a_sibling_by_path():
+    for path in (ROOT / "configs").glob("*.py"):
+        assert "spec_from_file_location" not in path.read_text(), path.name
+
+
+def _write(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_yaml_numbers_take_the_default_type(tmp_path):
+    c = config_io.load_config(_write(tmp_path, "c.yaml", "optim:\n  lr: 1e-3\n  eps: 1\n"))
+    assert c.optim.lr == 1e-3 and isinstance(c.optim.lr, float)
+    assert c.optim.eps == 1.0 and isinstance(c.optim.eps, float)
+    with pytest.raises(
+        ValueError, match=r"c2\.yaml:2: config key 'train.batch_size' must be an int"
+    ):
+        config_io.load_config(_write(tmp_path, "c2.yaml", "train:\n  batch_size: abc\n"))
+    with pytest.raises(
+        ValueError, match=r"c3\.json:1: .*'train.batch_size' must be an int, got 2.5"
+    ):
+        config_io.load_config(_write(tmp_path, "c3.json", '{"train": {"batch_size": 2.5}}'))
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    path = _write(tmp_path, "bad.yaml", "train:\n  batch_size: 32\n   total_kimg: [1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml:3:\d+: invalid YAML"):
+        config_io.load_config(path)
+    path = _write(tmp_path, "bad.json", '{"train":\n {"batch_size": 32,}}')
+    with pytest.raises(ValueError, match=r"bad\.json:2:\d+: invalid JSON"):
+        config_io.load_config(path)
+    for text in ("", "# nothing here\n"):
+        with pytest.raises(ValueError, match="empty|no settings"):
+            config_io.load_config(_write(tmp_path, "empty.yaml", text))
+    path = _write(tmp_path, "typo.yaml", "train:\n  batchsize: 32\n")
+    with pytest.raises(
+        ValueError, match=r"typo\.yaml:2: .*'train.batchsize' \(did you mean 'batch_size'\?\)"
+    ):
+        config_io.load_config(path)

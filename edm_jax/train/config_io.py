@@ -1,17 +1,19 @@
-"""Training configs: the default ConfigDict, loading from .py / .yaml / .json, validation.
+"""Training configs: the default ConfigDict, config variants, loading .py / .yaml / .json.
 
 A config is an ``ml_collections.ConfigDict`` with the sections of ``default_config()``.
-``configs/<x>.py`` files start from ``default_config()`` and change what they need;
-a ``.yaml`` or ``.json`` file holds the same keys (any subset) and is merged onto it.
-``validate`` checks every value that would otherwise fail late (inside XLA compilation
-or after minutes of data loading) and raises ValueError naming the key.
+``configs/<x>.py`` files start from ``default_config()`` and change what they need; their
+``get_config(arg)`` reads its variant string ('arch=ncsnpp,cond=0') with ``parse_variant``,
+which rejects unknown variants. A ``.yaml`` or ``.json`` file holds the same keys (any
+subset) and is merged onto the defaults; unknown keys get a "did you mean", values are
+converted to the default's type, parse errors name the file and line. ``load_config`` is
+the one loader (the --config flag uses it too).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,12 @@ from typing import Any
 import ml_collections
 from ml_collections.config_flags import config_flags
 
-__all__ = ["default_config", "define_config_flag", "load_config", "merge_mapping", "to_json"]
+from edm_jax.checks import did_you_mean
+
+__all__ = [
+    "default_config", "define_config_flag", "load_config", "merge_mapping", "parse_variant",
+    "to_json",
+]  # fmt: skip
 
 
 def _section(**kw: Any) -> ml_collections.ConfigDict:
@@ -58,14 +65,102 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# --------------------------------------------------------------------------- variants
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _variant_value(key: str, value: str | None, default: Any) -> Any:
+    """One variant value converted to its default's type (a tuple default lists the choices)."""
+    if isinstance(default, tuple):  # choices, the first is the default
+        if value not in default:
+            raise ValueError(
+                f"config variant {key}={value!r} is not valid{did_you_mean(value, default)}; "
+                f"valid: {list(default)}"
+            )
+        return value
+    if isinstance(default, bool):
+        if value is None or value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ValueError(f"config variant {key}={value!r} must be a flag: 1/0/true/false")
+    if value is None:
+        raise ValueError(f"config variant {key!r} needs a value: {key}=...")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(
+            f"config variant {key}={value!r} must be of type {type(default).__name__}"
+        ) from None
+
+
+def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """'k=v,flag,k2=v2' -> typed values over `defaults` (big_vision's parse_arg).
+
+    A default's type converts the value (a bool takes 'flag', 'flag=1' or 'flag=0'; a
+    tuple lists the valid choices, its first is the default). Unknown keys raise a
+    ValueError with "did you mean" and the valid keys.
+    """
+    out = {k: v[0] if isinstance(v, tuple) else v for k, v in defaults.items()}
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(
+                f"unknown config variant {key!r}{did_you_mean(key, defaults)}; "
+                f"valid: {sorted(defaults) or 'none (this config takes no variant)'}"
+            )
+        out[key] = _variant_value(key, value.strip() if eq else None, defaults[key])
+    return ml_collections.ConfigDict(out)
+
+
+# --------------------------------------------------------------------------- merging files
+
+
+def _a(value: Any) -> str:
+    """'an int', 'a float', 'a bool', 'a str': the type of a default, for messages."""
+    name = type(value).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def _coerce(name: str, current: Any, value: Any) -> Any:
+    """value converted to the type of the default `current` where that is unambiguous."""
+    if isinstance(value, list):
+        value = tuple(value)
+    if current is None or value is None or isinstance(current, tuple):
+        return value
+    if isinstance(current, bool) or isinstance(value, bool):
+        if type(value) is not type(current):
+            raise ValueError(f"config key {name!r} must be {_a(current)}, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, (int, str)):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            pass
+    if isinstance(current, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(current, int) and isinstance(value, float):
+        raise ValueError(f"config key {name!r} must be an int, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(value, (int, float)):
+        raise ValueError(f"config key {name!r} must be {_a(current)}, got {value!r}")
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ValueError(f"config key {name!r} must be {_a(current)}, got {value!r}")
+    return value
+
+
 def merge_mapping(
     config: ml_collections.ConfigDict, values: Mapping, prefix: str = ""
 ) -> ml_collections.ConfigDict:
-    """Set config keys from a nested mapping; unknown keys raise ValueError naming them."""
+    """Set config keys from a nested mapping; unknown keys raise ValueError with "did you mean"."""
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in config:
-            raise ValueError(f"unknown config key {name!r}; valid: {sorted(config.keys())}")
+            raise ValueError(
+                f"unknown config key {name!r}{did_you_mean(key, config.keys())}; "
+                f"valid: {sorted(config.keys())}"
+            )
         current = config[key]
         if isinstance(current, ml_collections.ConfigDict) and isinstance(value, Mapping):
             if not current.keys():  # open sections (net overrides, loss kwargs): take as is
@@ -74,23 +169,73 @@ def merge_mapping(
                 )
             else:
                 merge_mapping(current, value, prefix=f"{name}.")
+        elif isinstance(current, ml_collections.ConfigDict):
+            raise ValueError(f"config key {name!r} is a section; give it a mapping, not {value!r}")
         else:
-            config[key] = tuple(value) if isinstance(value, list) else value
+            config[key] = _coerce(name, current, value)
     return config
 
 
-def _read_mapping(path: Path) -> Mapping:
-    """Parse a .json or .yaml file into a mapping."""
-    text = path.read_text()
-    if path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
+def _yaml_loader():
+    """PyYAML's SafeLoader reading YAML 1.2 floats too ('1e-3', not only '1.0e-3')."""
+    import yaml
 
-        values = yaml.safe_load(text) or {}
+    class Loader(yaml.SafeLoader):
+        pass
+
+    float_re = re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    )
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
+    return yaml, Loader
+
+
+def _read_mapping(path: Path) -> Mapping:
+    """Parse a .json or .yaml file into a mapping; errors name the file and line."""
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"config file {path} is empty")
+    if path.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    else:
+        yaml, loader = _yaml_loader()
+        try:
+            values = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ValueError(f"{where}: invalid YAML: {problem}") from None
+    if values is None:
+        raise ValueError(f"config file {path} holds no settings")
     if not isinstance(values, Mapping):
         raise ValueError(f"config file {path} must hold a mapping at top level")
     return values
+
+
+def _key_line(path: Path, message: str) -> str:
+    """':N' for the line of the config key quoted first in message (YAML and JSON), else ''."""
+    match = re.search(r"config key '([\w.]+)'", message)
+    if not match:
+        return ""
+    keys = match.group(1).split(".")
+    lines = path.read_text().splitlines()
+    i = 0
+    for key in keys:  # each key at or after its parent's line
+        pattern = re.compile(rf"(^|[\s{{,])[\"']?{re.escape(key)}[\"']?\s*:")
+        while i < len(lines) and not pattern.search(lines[i]):
+            i += 1
+        if i == len(lines):
+            return ""
+    return f":{i + 1}"
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -100,26 +245,40 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path_str!r} not found")
     if path.suffix in (".json", ".yaml", ".yml"):
-        return merge_mapping(default_config(), _read_mapping(path))
+        if arg:
+            raise ValueError(f"config {spec!r}: variants (':{arg}') apply to .py configs only")
+        try:
+            return merge_mapping(default_config(), _read_mapping(path))
+        except ValueError as e:
+            msg = str(e)
+            if msg.startswith(str(path)):
+                raise
+            line = _key_line(path, msg)
+            raise ValueError(f"{path}{line}: {msg}") from None
     if path.suffix != ".py":
         raise ValueError(f"config {spec!r}: expected a .py, .yaml, .yml or .json file")
     module_spec = importlib.util.spec_from_file_location(f"_edm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise ValueError(f"config {spec}: {e}") from None
 
 
 class _AnyConfigParser(config_flags.ConfigFileFlagParser):
     """config_flags' file parser that also reads .yaml/.json files holding the same keys."""
 
     def parse(self, path):
-        """Load path (.py[:arg] through ml_collections; .yaml/.json merged on the defaults)."""
-        if isinstance(path, str) and os.path.splitext(path)[1] in (".json", ".yaml", ".yml"):
-            config = load_config(path)
-            if self._lock_config:
-                config.lock()
-            return config
-        return super().parse(path)
+        """Load path with load_config (.py[:arg], .yaml/.yml, .json), locked."""
+        if not isinstance(path, str):
+            return super().parse(path)
+        config = load_config(path)
+        if self._lock_config:
+            config.lock()
+        return config
 
 
 def define_config_flag(name: str = "config", default: str | None = None):
