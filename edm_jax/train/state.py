@@ -9,7 +9,7 @@ where n_t counts images after the step; gamma is chosen by the profile's relativ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -31,6 +31,7 @@ __all__ = [
     "init_state",
     "lr_schedule",
     "make_optimizer",
+    "new_state",
     "power_ema_beta",
     "std_to_exp",
 ]
@@ -59,15 +60,23 @@ def lr_schedule(lr: float, rampup_kimg: float, batch_size: int) -> Callable[[Arr
     return schedule
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, batch_size: int, params: Any):
-    """Adam (EDM: betas 0.9/0.999, eps 1e-8) with the lr ramp-up, optional clipping, buffers frozen."""
-    schedule = lr_schedule(optim.lr, optim.lr_rampup_kimg, batch_size)
-    chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    chain += [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)]
+def _labels(params: Any) -> Any:
+    """'train' for trained parameters, 'frozen' for buffers (NCSN++ Fourier frequencies)."""
+    return jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params))
+
+
+def make_optimizer(optim: Mapping[str, Any], batch_size: int) -> optax.GradientTransformation:
+    """Adam (EDM: betas 0.9/0.999, eps 1e-8) with the lr ramp-up, optional clipping, buffers frozen.
+
+    ``optim`` holds lr, lr_rampup_kimg, b1, b2, eps, grad_clip (the config's optim section).
+    Build it once and give the same object to ``new_state`` and the train step.
+    """
+    schedule = lr_schedule(optim["lr"], optim["lr_rampup_kimg"], batch_size)
+    chain = [optax.clip_by_global_norm(optim["grad_clip"])] if optim["grad_clip"] > 0 else []
+    chain += [optax.scale_by_adam(b1=optim["b1"], b2=optim["b2"], eps=optim["eps"])]
     chain += [optax.scale_by_learning_rate(schedule)]
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params))
     return optax.multi_transform(
-        {"train": optax.chain(*chain), "frozen": optax.set_to_zero()}, labels
+        {"train": optax.chain(*chain), "frozen": optax.set_to_zero()}, _labels
     )
 
 
@@ -102,16 +111,30 @@ def ema_update(ema: Any, params: Any, beta: Array) -> Any:
     return jax.tree.map(lambda e, p: p + beta * (e - p), ema, params)
 
 
-def init_state(rng: Array, model, config: ml_collections.ConfigDict) -> TrainState:
-    """Fresh state: params from model.init(rng), EMAs equal to params, Adam moments zero."""
+def new_state(
+    rng: Array, model, tx: optax.GradientTransformation, num_power_emas: int = 0
+) -> TrainState:
+    """Fresh state: params from model.init(rng), EMAs equal to params, tx's state (Adam moments 0)."""
     k_init, k_run = jax.random.split(rng)
     params = model.init(k_init)
-    tx = make_optimizer(config.optim, config.train.batch_size, params)
     return TrainState(
         step=jnp.zeros([], jnp.int32),
         params=params,
         ema=params,
-        power_ema=tuple(params for _ in config.ema.power_stds),
+        power_ema=tuple(params for _ in range(num_power_emas)),
         opt_state=tx.init(params),
         rng=jax.random.key_data(k_run),
     )
+
+
+def init_state(
+    rng: Array,
+    model,
+    config: ml_collections.ConfigDict,
+    *,
+    tx: optax.GradientTransformation | None = None,
+) -> TrainState:
+    """new_state for a training config; pass the step's `tx` (else it is built from config.optim)."""
+    if tx is None:
+        tx = make_optimizer(config.optim, config.train.batch_size)
+    return new_state(rng, model, tx, len(config.ema.power_stds))

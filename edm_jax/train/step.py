@@ -8,6 +8,7 @@ accumulated over micro-batches with lax.scan, averaged, made finite as EDM does
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import losses
@@ -24,18 +26,47 @@ from edm_jax.train.state import (
     edm_ema_beta,
     ema_update,
     make_optimizer,
+    new_state,
     power_ema_beta,
     std_to_exp,
 )
 
 Array = jax.Array
 
-__all__ = ["batch_sharding", "make_mesh", "make_train_step", "state_sharding"]
+__all__ = [
+    "StepConfig", "Trainer", "batch_sharding", "make_mesh", "make_train_step", "state_sharding",
+]  # fmt: skip
 
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,  # keep conv/matmul outputs, recompute the rest
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the train step reads from a training config, resolved once at the edge."""
+
+    batch_size: int
+    grad_accum: int = 1
+    augment_p: float = 0.0
+    remat: str = "none"
+    self_cond_prob: float = 0.5
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: float = 0.05
+    power_stds: tuple[float, ...] = ()
+    loss: losses.LossSpec = dataclasses.field(default_factory=losses.LossSpec)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepConfig:
+        """The step's settings of a config (train.*, ema.*, loss.*)."""
+        t, e = config.train, config.ema
+        return cls(
+            batch_size=t.batch_size, grad_accum=t.grad_accum, augment_p=t.augment_p,
+            remat=t.remat, self_cond_prob=t.self_cond_prob, ema_halflife_kimg=e.halflife_kimg,
+            ema_rampup_ratio=e.rampup_ratio, power_stds=tuple(e.power_stds),
+            loss=losses.from_config(config.loss.to_dict()),
+        )  # fmt: skip
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -110,24 +141,19 @@ def _self_cond_denoiser(model, rng: Array, remat: str, prob: float) -> Callable:
     return denoise
 
 
-def make_loss_fn(model, config: ml_collections.ConfigDict) -> Callable:
+def make_loss_fn(model, hp: StepConfig) -> Callable:
     """loss_fn(rng, params, micro_batch) -> (loss, aux): augmentation, dropout, self-cond."""
-    spec = losses.from_config(config.loss.to_dict())
 
     def loss_fn(rng, params, batch):
         k_aug, k_drop, k_loss = jax.random.split(rng, 3)
         batch = {"image": batch["image"], "label": batch["label"] if model.label_dim else None}
-        if config.train.augment_p > 0:
-            batch["image"], batch["augment_labels"] = augment(
-                k_aug, batch["image"], p=config.train.augment_p
-            )
+        if hp.augment_p > 0:
+            batch["image"], batch["augment_labels"] = augment(k_aug, batch["image"], p=hp.augment_p)
         if model.self_cond:
-            denoise = _self_cond_denoiser(
-                model, k_drop, config.train.remat, config.train.self_cond_prob
-            )
+            denoise = _self_cond_denoiser(model, k_drop, hp.remat, hp.self_cond_prob)
         else:
-            denoise = _denoiser(model, k_drop, config.train.remat)
-        return losses.diffusion_loss(k_loss, params, batch, denoise=denoise, spec=spec)
+            denoise = _denoiser(model, k_drop, hp.remat)
+        return losses.diffusion_loss(k_loss, params, batch, denoise=denoise, spec=hp.loss)
 
     return loss_fn
 
@@ -151,31 +177,30 @@ def _accumulate_grads(loss_fn, params, batch, rng, accum, mesh):
     return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
 
 
-def _update_emas(state: TrainState, params, config, batch_size: int):
+def _update_emas(state: TrainState, params, hp: StepConfig):
     """EDM half-life EMA and EDM2 power EMAs after the step that began at state.step."""
-    nimg = state.step.astype(jnp.float32) * batch_size
-    beta = edm_ema_beta(nimg, batch_size, config.ema.halflife_kimg, config.ema.rampup_ratio)
+    b = hp.batch_size
+    nimg = state.step.astype(jnp.float32) * b
+    beta = edm_ema_beta(nimg, b, hp.ema_halflife_kimg, hp.ema_rampup_ratio)
     ema = ema_update(state.ema, params, beta)
     power = tuple(
-        ema_update(e, params, power_ema_beta(nimg + batch_size, batch_size, std_to_exp(s)))
-        for e, s in zip(state.power_ema, config.ema.power_stds, strict=True)
+        ema_update(e, params, power_ema_beta(nimg + b, b, std_to_exp(s)))
+        for e, s in zip(state.power_ema, hp.power_stds, strict=True)
     )
     return ema, power, beta
 
 
-def train_step_fn(model, config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """The un-jitted step: (state, global batch) -> (state, metrics)."""
-    loss_fn = make_loss_fn(model, config)
-    batch_size, accum = config.train.batch_size, config.train.grad_accum
+def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
+    """The un-jitted step: (state, global batch) -> (state, metrics), with the optimizer tx."""
+    loss_fn = make_loss_fn(model, hp)
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = _accumulate_grads(loss_fn, state.params, batch, rng, accum, mesh)
+        loss, grads = _accumulate_grads(loss_fn, state.params, batch, rng, hp.grad_accum, mesh)
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
-        tx = make_optimizer(config.optim, batch_size, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
-        ema, power, beta = _update_emas(state, params, config, batch_size)
+        ema, power, beta = _update_emas(state, params, hp)
         new = state.replace(
             step=state.step + 1, params=params, ema=ema, power_ema=power, opt_state=opt_state
         )
@@ -187,12 +212,54 @@ def train_step_fn(model, config: ml_collections.ConfigDict, mesh: Mesh) -> Calla
     return step
 
 
-def make_train_step(model, config: ml_collections.ConfigDict, mesh: Mesh, shardings: Any):
-    """jax.jit of the step with state shardings in and out, batch on 'data', state donated."""
+def jit_train_step(step: Callable, mesh: Mesh, shardings: Any) -> Callable:
+    """jax.jit of a step with state shardings in and out, batch on 'data', state donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        train_step_fn(model, config, mesh),
+        step,
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """A model, its optimizer (built once) and the step's settings: init and step share tx."""
+
+    model: Any
+    tx: optax.GradientTransformation
+    hp: StepConfig
+
+    @classmethod
+    def from_config(cls, model, config: ml_collections.ConfigDict) -> Trainer:
+        """The optimizer of config.optim and the step settings of config.train/ema/loss."""
+        tx = make_optimizer(config.optim, config.train.batch_size)
+        return cls(model, tx, StepConfig.from_config(config))
+
+    def init(self, rng: Array) -> TrainState:
+        """A fresh TrainState (jit it with the state shardings as out_shardings)."""
+        return new_state(rng, self.model, self.tx, len(self.hp.power_stds))
+
+    def step_fn(self, mesh: Mesh) -> Callable:
+        """The un-jitted step (state, batch) -> (state, metrics)."""
+        return train_step_fn(self.model, self.hp, self.tx, mesh)
+
+    def jit_step(self, mesh: Mesh, shardings: Any) -> Callable:
+        """The sharded, donating jit of the step."""
+        return jit_train_step(self.step_fn(mesh), mesh, shardings)
+
+
+def make_train_step(
+    model,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    shardings: Any,
+    *,
+    tx: optax.GradientTransformation | None = None,
+):
+    """The jitted step of a config; pass the `tx` the state was made with (else built here)."""
+    trainer = Trainer.from_config(model, config)
+    if tx is not None:
+        trainer = dataclasses.replace(trainer, tx=tx)
+    return trainer.jit_step(mesh, shardings)
