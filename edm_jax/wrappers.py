@@ -134,6 +134,15 @@ class X0Denoiser:
         return out.astype(x.dtype)
 
 
+def _zero_snr_end(before_last: float) -> float:
+    """The last alphas_cumprod of a zero-terminal-SNR table (sigma = inf there).
+
+    2^-24 as diffusers, so the first sigma (~4096) is finite; where the table's previous
+    entry is already below 2^-24 (linear betas), half of it, keeping sigma increasing.
+    """
+    return min(ZERO_SNR_ALPHABAR, float(before_last) / 2)
+
+
 class _DiscreteTable:
     """sigma <-> t maps of a DDPM ``alphas_cumprod`` table (shared by the discrete wrappers).
 
@@ -146,8 +155,8 @@ class _DiscreteTable:
 
     def __post_init__(self):
         ac = np.array(self.alphas_cumprod, np.float64)
-        if ac.ndim == 1 and ac.size >= 2 and ac[-1] == 0:  # zero terminal SNR: sigma = inf
-            ac[-1] = ZERO_SNR_ALPHABAR  # as diffusers, so the first sigma is finite
+        if ac.ndim == 1 and ac.size >= 2 and ac[-1] in (0, ZERO_SNR_ALPHABAR):
+            ac[-1] = _zero_snr_end(ac[-2])
         if ac.ndim != 1 or ac.size < 2 or not np.all((ac > 0) & (ac < 1)):
             raise ValueError(f"alphas_cumprod must be 1-D with >= 2 values in (0, 1), got {ac}")
         if not np.all(np.diff(ac) < 0):
