@@ -35,6 +35,7 @@ _UNSUPPORTED_OPTIONS = (
     "return_trajectory", "return_info", "rng", "noise_sampler", "extra_args", "callback", "disable",
 )  # fmt: skip
 _KEY_INIT, _KEY_LABEL, _KEY_NOISE = 0, 1, 2
+Seeds = Sequence[int] | np.ndarray  # 1-D ints >= 0
 
 
 def sampler_names() -> list[str]:
@@ -107,7 +108,7 @@ def _draw_labels(rng: Array, seeds: Array, label_dim: int) -> Array:
     return jax.vmap(draw)(seeds)
 
 
-def class_labels(rng: Array, model: Any, seeds: Sequence[int], labels=None) -> np.ndarray | None:
+def class_labels(rng: Array, model: Any, seeds: Seeds, labels=None) -> np.ndarray | None:
     """The class index [N] of each seed (drawn from ``fold_in(rng, seed)`` where not given).
 
     None for unconditional models. ``labels`` as in ``sample``; raises ValueError on a class
@@ -290,7 +291,7 @@ def sample(
     model: Any,
     *,
     num_samples: int | None = None,
-    seeds: Sequence[int] | None = None,
+    seeds: Seeds | None = None,
     sampler: str = "heun",
     num_steps: int = 18,
     sigma_min: float = 0.002,

@@ -43,15 +43,8 @@ def test_convergence_order(name, opts, lo, hi, x64):
     assert lo < slope < hi, (name, e1, e2, slope)
 
 
-STOCHASTIC = [
-    "euler_ancestral",
-    "dpm_2_ancestral",
-    "dpmpp_2s_ancestral",
-    "dpmpp_sde",
-    "dpmpp_2m_sde",
-    "dpmpp_3m_sde",
-    "heun_sde",
-]
+# Samplers that add noise with their default options (the registry says which).
+STOCHASTIC = sorted(n for n, info in samplers.SAMPLER_INFO.items() if info.stochastic)
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)

@@ -37,13 +37,14 @@ def _run_kd(fx, case, dtype):
     kwargs = dict(spec["kwargs"])
     if spec.get("uses_noise_sampler"):
         kwargs["noise_sampler"] = _pseudo_noise(fx, x.shape, dtype)
-    fn = samplers.SAMPLERS[spec["sampler"]]
-    if spec["sampler"] == "dpm_fast":  # jitted: its two tail steps are outside the scan
+    info = samplers.sampler_info(spec["sampler"])
+    fn = info.fn
+    if info.takes == "grid":
+        return fn(denoise, x, jnp.asarray(fx["sigmas"], dtype), **kwargs)
+    if info.takes_n:  # dpm_fast, jitted: its two tail steps are outside the scan
         run = jax.jit(lambda x: fn(denoise, x, sa["sigma_min"], sa["sigma_max"], sa["n"], **kwargs))
         return run(x)
-    if spec["sampler"] == "dpm_adaptive":
-        return fn(denoise, x, sa["sigma_min"], sa["sigma_max"], return_info=True, **kwargs)[0]
-    return fn(denoise, x, jnp.asarray(fx["sigmas"], dtype), **kwargs)
+    return fn(denoise, x, sa["sigma_min"], sa["sigma_max"], return_info=True, **kwargs)[0]
 
 
 def _run_edm(fx, case, dtype):
