@@ -135,6 +135,8 @@ def vp_betas(sigma_min, sigma_max, eps_s=1e-3) -> tuple:
     Python floats (float64, as NVlabs/edm) for concrete limits, arrays for traced ones.
     """
     lo, hi = concrete(sigma_min), concrete(sigma_max)
+    log_min: float | Array
+    log_max: float | Array
     if lo is not None and hi is not None:
         log_min, log_max = math.log(lo**2 + 1), math.log(hi**2 + 1)
     else:

@@ -221,3 +221,30 @@ def test_densities_jit():
     f = jax.jit(lambda k: S.lognormal(k, (4,)))
     assert f(jax.random.key(0)).shape == (4,)
     assert jnp.all(f(jax.random.key(0)) > 0)
+
+
+# --------------------------------------------------------------------------- the VP schedule
+
+
+def test_vp_schedule_inverse_derivative_and_range(x64):
+    vp = S.VPSchedule()
+    t = np.array([1e-5, 1e-3, 0.1, 0.5, 1.0])
+    sigma = np.sqrt(np.expm1(0.5 * 19.9 * t**2 + 0.1 * t))
+    np.testing.assert_allclose(vp.sigma(t), sigma, rtol=1e-9)  # exp(.) - 1 as NVlabs/edm
+    np.testing.assert_allclose(vp.sigma_inv(sigma), t, rtol=1e-9)
+    f = lambda t: np.sqrt(np.expm1(0.5 * 19.9 * t**2 + 0.1 * t))  # noqa: E731
+    h = 1e-4 * t
+    np.testing.assert_allclose(vp.sigma_deriv(t), (f(t + h) - f(t - h)) / (2 * h), rtol=1e-6)
+    fit = S.VPSchedule.from_range(0.002, 80.0, 1e-3)
+    np.testing.assert_allclose([fit.sigma(1e-3), fit.sigma(1.0)], [0.002, 80.0], rtol=1e-10)
+
+
+def test_vp_constants_live_in_schedules_only():
+    """19.9 / 0.1 (the VP SDE's betas) are written once, in schedules.py."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(S.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name != "schedules.py":
+            assert not re.search(r"\b19\.9\b", path.read_text()), path

@@ -258,6 +258,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if path.suffix != ".py":
         raise ValueError(f"config {spec!r}: expected a .py, .yaml, .yml or .json file")
     module_spec = importlib.util.spec_from_file_location(f"_edm_config_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"config file {path} cannot be imported")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):

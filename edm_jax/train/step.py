@@ -201,7 +201,7 @@ def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         ema, power, beta = _update_emas(state, params, hp)
-        new = state.replace(
+        new = state.replace(  # type: ignore[attr-defined]  # flax.struct adds replace
             step=state.step + 1, params=params, ema=ema, power_ema=power, opt_state=opt_state
         )
         grad_norm = jnp.sqrt(
