@@ -221,3 +221,22 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
         ValueError, match=r"typo\.yaml:2: .*'train.batchsize' \(did you mean 'batch_size'\?\)"
     ):
         config_io.load_config(path)
+
+
+def test_unknown_override_key_is_one_flag_error(monkeypatch):
+    from absl import flags
+
+    spec = str(ROOT / "configs" / "tiny.py")
+    argv = ["train.py", "--config", spec, "--config.train.batchsize=3"]
+    monkeypatch.setattr("sys.argv", argv)
+    fv = flags.FlagValues()
+    config_io.define_config_flag("config", flag_values=fv)
+    with pytest.raises(flags.IllegalFlagValueError, match=r"'train.batchsize' \(did you mean "
+                       r"'batch_size'\?\)"):  # fmt: skip
+        fv(argv)
+    argv = ["train.py", "--config", spec, "--config.optim.lr=1e-4"]
+    monkeypatch.setattr("sys.argv", argv)
+    fv = flags.FlagValues()
+    flag = config_io.define_config_flag("config", flag_values=fv)
+    fv(argv)
+    assert flag.value.optim.lr == 1e-4 and flag.value.train.batch_size == 16

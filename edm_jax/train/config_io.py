@@ -24,7 +24,7 @@ from ml_collections.config_flags import config_flags
 from edm_jax.checks import did_you_mean
 
 __all__ = [
-    "default_config", "define_config_flag", "load_config", "merge_mapping", "parse_variant",
+    "check_key_path", "default_config", "define_config_flag", "load_config", "merge_mapping", "parse_variant",
     "to_json",
 ]  # fmt: skip
 
@@ -283,19 +283,59 @@ class _AnyConfigParser(config_flags.ConfigFileFlagParser):
         return config
 
 
-def define_config_flag(name: str = "config", default: str | None = None):
-    """An absl flag like config_flags.DEFINE_config_file, also taking .yaml/.json files."""
+def check_key_path(config: ml_collections.ConfigDict, dotted: str) -> None:
+    """Raise ValueError with "did you mean" unless 'a.b.c' names a key of config."""
+    node: Any = config
+    for i, key in enumerate(dotted.split(".")):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return  # inside a value (a tuple index...): ml_collections decides
+        if key not in node:
+            where = ".".join(dotted.split(".")[:i] + [key])
+            raise ValueError(
+                f"unknown config key {where!r}{did_you_mean(key, node.keys())}; "
+                f"valid: {sorted(node.keys())}"
+            )
+        node = node[key]
+
+
+class _ConfigFlag(config_flags._ConfigFlag):  # noqa: SLF001 - the only way to swap the parser
+    """config_flags' flag with one clear error for an unknown --config.<key> override."""
+
+    def _parse(self, argument):
+        from absl import flags
+
+        try:
+            return super()._parse(argument)
+        except (AttributeError, KeyError) as e:
+            config = self.parser.parse(argument)
+            message = str(e)
+            for path in self._GetOverrides(self._GetArgv()):
+                try:
+                    check_key_path(config, path)
+                except ValueError as bad:
+                    message = str(bad)
+                    break
+        raise flags.IllegalFlagValueError(f"flag --{self.name}: {message}")
+
+
+def define_config_flag(name: str = "config", default: str | None = None, flag_values=None):
+    """An absl flag like config_flags.DEFINE_config_file, reading .py/.yaml/.json by load_config.
+
+    Bad files, variants and ``--config.<key>=`` overrides give one "FATAL Flags parsing
+    error" line (with "did you mean") instead of a traceback.
+    """
     from absl import flags
 
-    flag = config_flags._ConfigFlag(  # noqa: SLF001 - the only way to swap the file parser
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    flag = _ConfigFlag(
         parser=_AnyConfigParser(name=name, lock_config=True),
         serializer=flags.ArgumentSerializer(),
         name=name,
         default=default,
         help_string="training config: configs/x.py[:variant], or a .yaml/.json file",
-        flag_values=flags.FLAGS,
+        flag_values=flag_values,
     )
-    return flags.DEFINE_flag(flag, flags.FLAGS)
+    return flags.DEFINE_flag(flag, flag_values)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
