@@ -58,6 +58,7 @@ def test_missing_config_file():
         ("loss.name", "l1", "loss.name"),
         ("loss.density", "lognormall", "did you mean 'lognormal'"),
         ("loss.weighting", "min-snr", "loss.weighting"),
+        ("loss.kwargs", {"Pmean": 0.0}, "loss.kwargs: unknown options"),
         ("train.remat", "some", "train.remat"),
         ("optim.lr", -1.0, "optim.lr"),
     ],
