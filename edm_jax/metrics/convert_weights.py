@@ -74,7 +74,7 @@ def params_from_state_dict(
     if problems:
         raise ValueError(f"{source} does not match the network: " + "; ".join(problems))
     out = {p: from_torch_layout(p, np.asarray(sd[n], np.float32)) for n, p in names.items()}
-    return traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in out.items()})
+    return jax.device_put(traverse_util.unflatten_dict(out))
 
 
 def _more(keys: list) -> str:
@@ -116,8 +116,9 @@ def write_npz(state_dict: Mapping[str, np.ndarray], out: str | os.PathLike) -> N
     folder = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
     try:
+        arrays: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: np.asarray(v, np.float32) for k, v in state_dict.items()})
+            np.savez(f, **arrays)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

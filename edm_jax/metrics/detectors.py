@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from edm_jax.metrics import preprocess
 from edm_jax.metrics.convert_weights import params_from_state_dict, read_state_dict
@@ -57,13 +58,28 @@ WEIGHTS_DIR_ENV = "EDM_JAX_WEIGHTS"
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Detector:
-    """Images -> features. ``apply_features(params, images)`` is the pure jitted function."""
+    """Images -> features: ``forward(params, preprocess(images))``, both jitted and pure.
+
+    ``preprocess`` maps uint8 (or [-1, 1] float) NHWC images to the network input (one compile
+    per input shape); ``forward`` runs the network (one compile per batch size) and returns
+    (features, logits, block means) for inception and (features, cls per block) for dinov2.
+    """
 
     name: str
     feature_dim: int
     params: Any = dataclasses.field(repr=False)
-    apply_features: Callable[[Any, Array], Array] = dataclasses.field(repr=False)
-    apply_logits: Callable[[Any, Array], Array] | None = dataclasses.field(default=None, repr=False)
+    preprocess: Callable[[Array], Array] = dataclasses.field(repr=False)
+    forward: Callable[[Any, Array], tuple] = dataclasses.field(repr=False)
+
+    def apply_features(self, params: Any, images: Array) -> Array:
+        """Pure: params, [B,H,W,C] images -> [B, feature_dim] float32 (jit / shard it freely)."""
+        return self.forward(params, self.preprocess(images))[0]
+
+    def apply_logits(self, params: Any, images: Array) -> Array:
+        """Pure: params, [B,H,W,C] images -> [B,1008] logits before the softmax; inception only."""
+        if self.name != "inception":
+            raise ValueError(f"detector {self.name!r} has no logits; only 'inception' does")
+        return self.forward(params, self.preprocess(images))[1]
 
     def features(self, images_uint8_nhwc: Array) -> Array:
         """[B,H,W,C] uint8 (or float in [-1, 1]) images -> [B, feature_dim] float32."""
@@ -71,35 +87,24 @@ class Detector:
 
     def logits(self, images_uint8_nhwc: Array) -> Array:
         """[B,H,W,C] images -> class logits before the softmax (Inception Score); inception only."""
-        if self.apply_logits is None:
-            raise ValueError(f"detector {self.name!r} has no logits; only 'inception' does")
         return self.apply_logits(self.params, images_uint8_nhwc)
 
 
-# ---- the pure functions (module and sizes static, params and images traced) ----
-
-
-def _inception_out(module: InceptionV3, size: int, params: Any, images: Array, index: int) -> Array:
-    """Inception (pool3 features, logits)[index] of images after NVIDIA's preprocessing."""
-    x = preprocess.inception_input(images, size)  # [B,size,size,3]
-    return module.apply({"params": params}, x)[index]
-
-
-def _dinov2_out(module: DinoVisionTransformer, size: int, params: Any, images: Array) -> Array:
-    """DINOv2 cls features of images after edm2's preprocessing."""
-    return module.apply({"params": params}, preprocess.dinov2_input(images, size))
+def _net(module: Any, params: Any, x: Array) -> tuple:
+    """The network on preprocessed input, with its per-block outputs."""
+    return module.apply({"params": params}, x, return_blocks=True)
 
 
 def _make(name: str, module: Any, params: Any, size: int) -> Detector:
     """Detector around a module, its params and its input size."""
     if name == "inception":
-        feats = jax.jit(functools.partial(_inception_out, module, size, index=0))
-        logits = jax.jit(functools.partial(_inception_out, module, size, index=1))
+        prep = functools.partial(preprocess.inception_input, size=size)
+        dim = params["fc"]["kernel"].shape[0]
     else:
-        feats, logits = jax.jit(functools.partial(_dinov2_out, module, size)), None
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
-    dim = jax.eval_shape(feats, params, x).shape[-1]
-    return Detector(name, int(dim), params, feats, logits)
+        prep = functools.partial(preprocess.dinov2_input, size=size)
+        dim = params["cls_token"].shape[-1]
+    forward = jax.jit(functools.partial(_net, module))
+    return Detector(name, int(dim), params, jax.jit(prep), forward)
 
 
 # ---- building ----
@@ -121,6 +126,7 @@ def _module(name: str, dtype: Any, **config: Any) -> tuple[Any, int]:
     return DinoVisionTransformer(DinoConfig(**config), dtype=dtype), size
 
 
+@functools.lru_cache(maxsize=8)
 def param_template(module: Any, size: int) -> Any:
     """Shapes of a module's params (jax.eval_shape, no compute)."""
     x = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -141,9 +147,32 @@ def random_detector(name: str, rng: Array, **small_config: Any) -> Detector:
         config = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 224, "size": 56}
         config.update(small_config)
     module, size = _module(name, jnp.float32, **config)
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = jax.jit(module.init)(rng, x)["params"]
+    params = _random_params(rng, param_template(module, size))
     return _make(name, module, params, size)
+
+
+def _random_params(rng: Array, template: Any) -> Any:
+    """Random weights shaped as template, drawn with NumPy (a jitted init compiles for minutes).
+
+    Kernels ~ N(0, 2/fan_in), position/cls embeddings ~ 0.02 N, norms and BN variances 1,
+    biases and means 0.
+    """
+    key = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    gen = np.random.default_rng(np.asarray(key, np.uint32).ravel())
+    flat = traverse_util.flatten_dict(template)
+    out = {}
+    for path, leaf in flat.items():
+        shape, leaf_name = tuple(leaf.shape), path[-1]
+        if leaf_name == "kernel":
+            a = gen.normal(size=shape) * np.sqrt(2 / np.prod(shape[:-1]))
+        elif leaf_name in ("pos_embed", "cls_token", "mask_token"):
+            a = 0.02 * gen.normal(size=shape)
+        elif leaf_name in ("scale", "var", "gamma"):
+            a = np.ones(shape)
+        else:
+            a = np.zeros(shape)
+        out[path] = a.astype(np.float32)
+    return jax.device_put(traverse_util.unflatten_dict(out))
 
 
 def _missing_message(name: str, weights: Any) -> str:
