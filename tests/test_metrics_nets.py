@@ -58,6 +58,7 @@ def inc_det(fixtures_dir):
 @pytest.fixture(scope="module")
 def inc_blocks(inc_z, inc_det):
     """Detector.forward (the compiled net, batch 4 as in the API test) on 32 and on 64 + 512."""
+    assert inc_det.preprocess is not None and inc_det.forward is not None
     x = {S: inc_det.preprocess(jnp.asarray(nhwc(inc_z[f"images_{S}"]))) for S in (32, 64, 512)}
     out = {}
     for sizes, batch in (((32,), x[32]), ((64, 512), jnp.concatenate([x[64], x[512]]))):
@@ -195,6 +196,7 @@ def test_dinov2_pos_embed_and_input(dino_z, dino_det):
 
 def test_dinov2_features_parity(dino_z, dino_det):
     """cls features and the cls token after every block: 2e-5 of max|ref| (float32)."""
+    assert dino_det.preprocess is not None and dino_det.forward is not None
     for S in (32, 512):
         x = dino_det.preprocess(jnp.asarray(nhwc(dino_z[f"images_{S}"])))
         B = x.shape[0]

@@ -58,28 +58,20 @@ WEIGHTS_DIR_ENV = "EDM_JAX_WEIGHTS"
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Detector:
-    """Images -> features: ``forward(params, preprocess(images))``, both jitted and pure.
+    """Images -> features. ``apply_features(params, images)`` is pure (jit / shard it freely).
 
-    ``preprocess`` maps uint8 (or [-1, 1] float) NHWC images to the network input (one compile
-    per input shape); ``forward`` runs the network (one compile per batch size) and returns
-    (features, logits, block means) for inception and (features, cls per block) for dinov2.
+    ``preprocess`` (images -> network input, one compile per input shape) and ``forward``
+    (params, input -> (features, logits, block means) for inception, (features, cls per
+    block) for dinov2; one compile per batch size) are the two jitted halves, when known.
     """
 
     name: str
     feature_dim: int
     params: Any = dataclasses.field(repr=False)
-    preprocess: Callable[[Array], Array] = dataclasses.field(repr=False)
-    forward: Callable[[Any, Array], tuple] = dataclasses.field(repr=False)
-
-    def apply_features(self, params: Any, images: Array) -> Array:
-        """Pure: params, [B,H,W,C] images -> [B, feature_dim] float32 (jit / shard it freely)."""
-        return self.forward(params, self.preprocess(images))[0]
-
-    def apply_logits(self, params: Any, images: Array) -> Array:
-        """Pure: params, [B,H,W,C] images -> [B,1008] logits before the softmax; inception only."""
-        if self.name != "inception":
-            raise ValueError(f"detector {self.name!r} has no logits; only 'inception' does")
-        return self.forward(params, self.preprocess(images))[1]
+    apply_features: Callable[[Any, Array], Array] = dataclasses.field(repr=False)
+    apply_logits: Callable[[Any, Array], Array] | None = dataclasses.field(default=None, repr=False)
+    preprocess: Callable[[Array], Array] | None = dataclasses.field(default=None, repr=False)
+    forward: Callable[[Any, Array], tuple] | None = dataclasses.field(default=None, repr=False)
 
     def features(self, images_uint8_nhwc: Array) -> Array:
         """[B,H,W,C] uint8 (or float in [-1, 1]) images -> [B, feature_dim] float32."""
@@ -87,6 +79,8 @@ class Detector:
 
     def logits(self, images_uint8_nhwc: Array) -> Array:
         """[B,H,W,C] images -> class logits before the softmax (Inception Score); inception only."""
+        if self.apply_logits is None:
+            raise ValueError(f"detector {self.name!r} has no logits; only 'inception' does")
         return self.apply_logits(self.params, images_uint8_nhwc)
 
 
@@ -95,16 +89,23 @@ def _net(module: Any, params: Any, x: Array) -> tuple:
     return module.apply({"params": params}, x, return_blocks=True)
 
 
+def _apply(prep: Callable, forward: Callable, index: int, params: Any, images: Array) -> Array:
+    """Output ``index`` of forward(params, prep(images)): features and logits share one compile."""
+    return forward(params, prep(images))[index]
+
+
 def _make(name: str, module: Any, params: Any, size: int) -> Detector:
     """Detector around a module, its params and its input size."""
     if name == "inception":
-        prep = functools.partial(preprocess.inception_input, size=size)
+        prep = jax.jit(functools.partial(preprocess.inception_input, size=size))
         dim = params["fc"]["kernel"].shape[0]
     else:
-        prep = functools.partial(preprocess.dinov2_input, size=size)
+        prep = jax.jit(functools.partial(preprocess.dinov2_input, size=size))
         dim = params["cls_token"].shape[-1]
     forward = jax.jit(functools.partial(_net, module))
-    return Detector(name, int(dim), params, jax.jit(prep), forward)
+    feats = functools.partial(_apply, prep, forward, 0)
+    logits = functools.partial(_apply, prep, forward, 1) if name == "inception" else None
+    return Detector(name, int(dim), params, feats, logits, prep, forward)
 
 
 # ---- building ----
@@ -242,6 +243,6 @@ def load_detector(
     config: dict = {}
     if name == "dinov2":
         config = _dinov2_config(sd, _config_json(str(path)))
-    module, size = _module(name, dtype, **config)
+    module, size = _module(name, jnp.dtype(dtype), **config)
     params = params_from_state_dict(sd, param_template(module, size), source=f"weights {path}")
     return _make(name, module, params, size)
