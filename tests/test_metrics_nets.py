@@ -45,6 +45,7 @@ def maxrel(a, ref) -> float:
 
 @pytest.fixture(scope="module")
 def inc_z(fixtures_dir):
+    """inception_fid.npz without its weights (images and reference outputs)."""
     with np.load(fixtures_dir / "inception_fid.npz") as z:
         return {k: z[k] for k in z.files if not k.startswith("param/")}
 
@@ -80,12 +81,14 @@ def inc_blocks(inc_z, inc_det):
 
 @pytest.fixture(scope="module")
 def dino_z(fixtures_dir):
+    """dinov2_small.npz, all keys."""
     with np.load(fixtures_dir / "dinov2_small.npz") as z:
         return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="module")
 def dino_det(fixtures_dir):
+    """The small DINOv2 with the fixture's weights, built from its config_json."""
     return load_detector("dinov2", fixtures_dir / "dinov2_small.npz")
 
 
