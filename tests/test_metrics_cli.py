@@ -153,6 +153,15 @@ def test_calc_against_own_reference_and_json_line(tmp_path, fake_weights, image_
     assert lines == rows and [r["metric"] for r in rows] == ["fid", "kid"]
     assert abs(rows[0]["value"]) < 1e-6 and rows[0]["num_images"] == 21
     assert rows[1]["value"] < 0.05  # unbiased MMD^2 of a set with itself: ~0 up to noise
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(np.load(path)["images"]):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
+    again = cli.main(["calc", "--images", str(folder), "--ref", str(ref), "--metrics", "fid,kid",
+                      "--results", str(out), *common])  # fmt: skip
+    assert [r["value"] for r in again] == [r["value"] for r in rows]  # the same pixels
 
 
 def test_gen_cli_reference_npz(tmp_path, fake_weights, fixtures_dir, monkeypatch):

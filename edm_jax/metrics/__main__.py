@@ -175,8 +175,40 @@ def cmd_ref(args) -> dict:
     return ref
 
 
-def _calc_images(path: str) -> np.ndarray:
-    """uint8 [N, H, W, C] images of a .npz ('images') or an image folder (sorted names)."""
+class _ImageFolder:
+    """The images under a folder (sorted names), read a slice at a time; one shape for all."""
+
+    def __init__(self, root: Path):
+        from edm_jax.data.images import IMAGE_EXTENSIONS
+
+        self.files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        self.shape = self._read(self.files[0]).shape
+
+    @staticmethod
+    def _read(path: Path) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """uint8 images [k, H, W(, C)] of files[index]."""
+        images = [self._read(f) for f in self.files[index]]
+        for f, a in zip(self.files[index], images, strict=True):
+            if a.shape != self.shape or a.dtype != np.uint8:
+                raise ValueError(
+                    f"{f} is {a.dtype} {a.shape}; valid: uint8 {self.shape} like {self.files[0]}"
+                )
+        return ev.check_images(np.stack(images), str(self.files[0].parent))
+
+
+def _calc_images(path: str):
+    """uint8 [N, H, W, C] images of a .npz ('images'), or a lazily read image folder."""
     p = Path(path)
     if p.suffix == ".npz" and p.is_file():
         with np.load(p) as f:
@@ -185,20 +217,9 @@ def _calc_images(path: str) -> np.ndarray:
             return ev.check_images(f["images"], str(p))
     if not p.is_dir():
         raise FileNotFoundError(f"--images {path}: not an image folder or .npz")
-    from PIL import Image
-
-    from edm_jax.data.images import IMAGE_EXTENSIONS
-
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {p}")
-    images = [np.asarray(Image.open(f)) for f in files]
-    shapes = {a.shape for a in images}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"images under {p} differ in shape: {sorted(shapes)[:3]}; valid: one shape"
-        )
-    return ev.check_images(np.stack(images), str(p))
+    folder = _ImageFolder(p)
+    folder[:1]  # checks the first image's dtype and shape before anything is loaded
+    return folder
 
 
 def cmd_calc(args) -> list[dict]:

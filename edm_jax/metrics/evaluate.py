@@ -201,7 +201,7 @@ class Scorer:
                 )
             elif metric == "kid":
                 out[metric] = kid(mine["kid"]["features"], ref["kid"]["features"])
-            else:
+            elif self.inception_score is not None:
                 out["is"], out["is_std"] = self.inception_score.score()
         return out
 
@@ -217,7 +217,7 @@ def _allgather_rows(x: np.ndarray) -> np.ndarray:
     return np.concatenate([rows[p, : sizes[p]] for p in range(len(sizes))])
 
 
-def check_reference(ref: Mapping, scorer_metrics, dims: Mapping[str, int], path) -> None:
+def check_reference(ref: dict, scorer_metrics, dims: Mapping[str, int], path) -> None:
     """ValueError unless ref holds every metric's statistics at the detector's size."""
     for metric in scorer_metrics:
         if metric != "is":
@@ -235,22 +235,22 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def score_source(source, scorer: Scorer, *, progress: bool = False) -> Scorer:
     """Feed every image of an edm_jax data source (``get_batch``) to the scorer."""
-    n, bs = len(source), scorer.batch_size
-    starts = range(0, n, bs)
-    for start in _progress(starts, len(starts), "scoring", progress):
-        images, _ = source.get_batch(np.arange(start, min(start + bs, n)))
-        scorer.add(images, start)
-    scorer.gather_hosts()
-    return scorer
+    return _score(
+        lambda lo, hi: source.get_batch(np.arange(lo, hi))[0], len(source), scorer, progress
+    )
 
 
 def score_arrays(images, scorer: Scorer, *, progress: bool = False) -> Scorer:
-    """Feed a uint8 [N, H, W, C] array (or memory-mapped array) to the scorer."""
-    images = check_images(images)
-    bs = scorer.batch_size
-    starts = range(0, len(images), bs)
+    """Feed uint8 [N, H, W, C] images (anything sliceable: an array, a lazy folder) to the scorer."""
+    return _score(lambda lo, hi: images[lo:hi], len(images), scorer, progress)
+
+
+def _score(get, n: int, scorer: Scorer, progress: bool) -> Scorer:
+    """scorer.add(get(lo, hi), lo) over this host's block of the n images, then sum over hosts."""
+    lo, hi = _host_block(n)
+    starts = range(lo, hi, scorer.batch_size)
     for start in _progress(starts, len(starts), "scoring", progress):
-        scorer.add(images[start : start + bs], start)
+        scorer.add(get(start, min(start + scorer.batch_size, hi)), start)
     scorer.gather_hosts()
     return scorer
 
@@ -277,19 +277,21 @@ def generate_and_score(
     ``sample_kwargs`` go to ``api.sample`` (sampler, num_steps, sigma_min, sigma_max, rho,
     cfg_scale, sampler options); the images per seed are those of ``sample.py``.
     """
-    seeds = np.asarray(list(seeds), np.int64)
+    seed_array = np.asarray(list(seeds), np.int64)
     bs = scorer.batch_size
     api.check_sample_args(
         sample_kwargs.get("sampler", "heun"), sample_kwargs.get("num_steps", 18), bs,
         **{k: v for k, v in sample_kwargs.items() if k not in _SAMPLE_ARGS},
     )  # fmt: skip
-    classes = api.class_labels(rng, model, seeds, labels)  # validates labels before sampling
-    lo, hi = _host_block(len(seeds))
+    classes = api.class_labels(
+        rng, model, seed_array.tolist(), labels
+    )  # validates labels before sampling
+    lo, hi = _host_block(len(seed_array))
     starts = range(lo, hi, bs)
     for start in _progress(starts, len(starts), "generating", progress):
         end = min(start + bs, hi)
         images = api.sample(
-            rng, params, model, seeds=seeds[start:end], batch_size=bs,
+            rng, params, model, seeds=seed_array[start:end].tolist(), batch_size=bs,
             labels=None if classes is None else classes[start:end], **sample_kwargs,
         )  # fmt: skip
         scorer.add(api.to_uint8(images), start)

@@ -19,6 +19,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def _serialise(ref: dict, suffix: str, f) -> None:
         plain = {m: {k: np.asarray(v) for k, v in e.items()} for m, e in ref.items()}
         pickle.dump(plain, f, protocol=4)
         return
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for metric, entry in ref.items():
         for key, value in entry.items():
             if (metric, key) not in _NPZ_KEYS:

@@ -171,6 +171,8 @@ class InceptionScore:
 
     def score(self) -> tuple[float, float]:
         """(mean, std) of the per-split scores (numpy std, ddof=0)."""
+        if self.sum_p is None:
+            raise ValueError("no logits were added to the Inception Score")
         sizes = np.diff(self.bounds).astype(np.float64)  # [S]
         mean_p = self.sum_p / sizes[:, None]  # [S, K]
         cross = np.where(mean_p > 0, mean_p * np.log(np.where(mean_p > 0, mean_p, 1)), 0.0)
