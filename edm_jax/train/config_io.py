@@ -62,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
         keep_period_steps=0, sample_every_kimg=0.0, sample_grid=8, sample_steps=18,
         sample_seed=0, tqdm=True, tensorboard=True,
     )  # fmt: skip
+    # Sample-quality metrics during training (edm_jax.metrics; k-diffusion --evaluate-every).
+    c.eval = _section(
+        every_kimg=0.0, num=50000, metrics=("fid",), ref="", sampler="heun", steps=18,
+        batch_size=64, weights=_section(inception="", dinov2=""),
+    )  # fmt: skip
     return c
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from edm_jax.data.load import load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
+from edm_jax.metrics.evaluate import make_evaluator
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
@@ -174,6 +175,7 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
     sampler, shard = _make_sampler(run), batch_sharding(run.mesh)
     info["grid"] = _maybe_grid(run, sampler, step, None) if step == 0 else None
     grid_step = step if info["grid"] else None
+    evaluate = make_evaluator(run)  # eval.every_kimg: FID etc. (no-op when off)
     while step < total:
         preempted = stop.set or run.checkpointer.reached_preemption(step)
         if preempted or (stop_at_step is not None and step >= stop_at_step):
@@ -188,6 +190,7 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
             _save(run, step)
         if path := _maybe_grid(run, sampler, step, step - 1):
             info["grid"], grid_step = path, step
+        evaluate(reporter, step, step - 1)
     _log(run, reporter, pending, step)
     if step not in run.checkpointer.all_steps() and step > 0:
         _save(run, step)

@@ -11,6 +11,7 @@ from edm_jax import losses
 from edm_jax.checks import did_you_mean
 from edm_jax.data.augment import augment_dim
 from edm_jax.data.load import SOURCES
+from edm_jax.metrics.evaluate import check_eval_config
 from edm_jax.nets.model import DiffusionModel
 from edm_jax.nets.presets import (
     ARCHITECTURES,
@@ -99,6 +100,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"a multiple of log.log_every_steps={config.log.log_every_steps} "
             "(losses are checked for non-finite values before every save)"
         )
+    check_eval_config(config)  # eval.*: metrics, weight and reference files
 
 
 def validate_data(config: ml_collections.ConfigDict, source) -> None:
