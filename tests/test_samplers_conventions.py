@@ -22,7 +22,7 @@ def test_registry_entry_matches_the_function(name):
     params = inspect.signature(info.fn).parameters
     options = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
     assert {k: v for k, v in options.items() if k not in _CONVENTIONS} == info.options
-    assert {"extra_args", "callback", "disable"} <= set(options) or name == "heun_sde"
+    assert {"extra_args", "callback", "disable"} <= set(options)
     positional = [k for k, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     expect = {"grid": ["denoise", "x", "sigmas"], "range": ["denoise", "x", "sigma_min",
               "sigma_max"] + (["n"] if info.takes_n else [])}[info.takes]  # fmt: skip

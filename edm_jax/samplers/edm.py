@@ -104,6 +104,9 @@ def sample_heun_sde(
     s_tmax=50.0,
     s_noise=1.003,
     return_trajectory=False,
+    extra_args=None,
+    callback=None,
+    disable=None,
 ):
     """EDM Algorithm 2 (stochastic Heun) with EDM's ImageNet-64 settings as defaults."""
     return sample_heun(
@@ -117,6 +120,9 @@ def sample_heun_sde(
         s_tmax=s_tmax,
         s_noise=s_noise,
         return_trajectory=return_trajectory,
+        extra_args=extra_args,
+        callback=callback,
+        disable=disable,
     )
 
 
