@@ -142,7 +142,7 @@ def log_likelihood(
     error is about |E x| / sigma_max nats per sample) when the true p_{sigma_max} is known.
     """
     _check_args(x, sigma_min, sigma_max, method, probe, num_probes)
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless x64 is on
     x = jnp.asarray(x, dtype)
     exact = method == "exact"
     if exact:

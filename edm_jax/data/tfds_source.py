@@ -64,11 +64,11 @@ def _prepare(builder) -> None:
         ) from e
 
 
-def _missing_module(error: BaseException) -> str:
+def _missing_module(error: BaseException | None) -> str:
     """Name of the module a (possibly re-raised) ModuleNotFoundError is about."""
     while error is not None:
-        if getattr(error, "name", None):
-            return str(error.name)
+        if isinstance(error, ImportError) and error.name:
+            return error.name
         found = re.search(r"No module named '([^']+)'", str(error))
         if found:
             return found.group(1)

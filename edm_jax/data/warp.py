@@ -52,11 +52,11 @@ def rotate2d(theta) -> jax.Array:
 def _correlate(x: jax.Array, taps: np.ndarray, axis: int, stride: int = 1) -> jax.Array:
     """Valid 1D correlation of x with taps along `axis`, with output stride (shifted sums)."""
     n_out = (x.shape[axis] - len(taps)) // stride + 1
-    out = 0.0
+    out: jax.Array | float = 0.0
     for k, t in enumerate(taps):
         window = lax.slice_in_dim(x, k, k + stride * (n_out - 1) + 1, stride, axis)
         out = out + float(t) * window
-    return out
+    return jnp.asarray(out)
 
 
 def _zero_pad(x: jax.Array, axis: int, before: int, after: int) -> jax.Array:
