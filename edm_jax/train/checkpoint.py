@@ -86,7 +86,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     Keys only one side has (added by a newer version) are not compared.
     """
     a, b = _flatten(old), _flatten(new)
-    refused, allowed = [], []
+    refused: list[str] = []
+    allowed: list[str] = []
     for key in sorted(set(a) & set(b)):
         if a[key] == b[key]:
             continue
