@@ -29,7 +29,10 @@ def _concrete(value: Any) -> np.ndarray | None:
 
 
 def check_sigmas(sigmas: Any) -> None:
-    """A sampler's sigma grid: 1-D, finite, >= 0, non-increasing, ending in 0, not all 0."""
+    """A sampler's sigma grid: 1-D, finite, >= 0, non-increasing, starting above 0.
+
+    A grid need not end in 0: k-diffusion users split one grid over several calls.
+    """
     s = _concrete(sigmas)
     if s is None:
         return
@@ -51,8 +54,6 @@ def check_sigmas(sigmas: Any) -> None:
         raise ValueError(
             f"sigmas must start above 0 (all zero: nothing to denoise), got {s.tolist()}"
         )
-    if s[-1] != 0:
-        raise ValueError(f"sigmas must end in 0 (as schedules.karras and friends), got {s[-1]}")
 
 
 def check_scalar(name: str, value: Any, *, positive: bool = False, allow_zero: bool = True) -> None:
