@@ -119,6 +119,15 @@ def test_load_falls_back_when_newest_step_lacks_metadata(interrupted, tmp_path):
     assert tree_equal(params, api.load(work / "checkpoints" / "4")[1])
 
 
+def test_load_of_a_checkpoint_without_model_spec_uses_its_config(interrupted, tmp_path):
+    work = _copy(interrupted[0], tmp_path / "w")
+    shutil.rmtree(work / "checkpoints" / "5" / "model_spec")  # as written by older versions
+    (work / "checkpoints" / "5" / "sha256.json").unlink()
+    model, params, config = api.load(work)
+    assert model.label_dim == 10 and config.data.name == "digits"
+    assert tree_equal(params, interrupted[1]["state"].ema)
+
+
 def test_config_change_that_shapes_the_state_is_refused(interrupted, tmp_path):
     work = _copy(interrupted[0], tmp_path / "w")
     config = _config(**{"train.batch_size": 32})
