@@ -3,6 +3,9 @@
 python sample.py --workdir runs/cifar --seeds 0-63 --sampler heun --steps 18 --outdir out
 python sample.py --reference-npz edm-cifar10-32x32-cond-vp.npz --class 3 --outdir out
 python sample.py --list-samplers
+
+A user error (bad flag value, missing path) prints one line ``error: ...`` and exits 2;
+``--debug`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise argparse.ArgumentTypeError(f"bad seed range {part!r}: end before start")
+        if hi > 2**32 - 1:
+            raise argparse.ArgumentTypeError(f"seed {hi} is out of range: seeds are 0 to 2**32 - 1")
         seeds.extend(range(lo, hi + 1))
     return seeds
 
@@ -60,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--list-samplers", action="store_true", help="print the sampler names and exit")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
     args = p.parse_args(argv)
     if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
         p.error("one of --workdir, --checkpoint or --reference-npz is required")
@@ -99,14 +105,40 @@ def write_outputs(outdir: Path, images: np.ndarray, seeds, labels) -> None:
     )
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Finite sigma range, rho and guidance scale, before anything is loaded."""
+    from edm_jax.samplers.checks import check_range, check_scalar, check_seeds
+
+    check_range(args.sigma_min, args.sigma_max)
+    check_scalar("--rho", args.rho, positive=True, allow_zero=False)
+    check_scalar("--cfg-scale", args.cfg_scale)
+    check_seeds(args.seeds)
+
+
+# Errors a user can fix: one line, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def main(argv=None) -> int:
-    """Entry point."""
+    """Entry point: one line `error: ...` and exit status 2 on a user error (unless --debug)."""
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Load, sample, write."""
     from edm_jax import api
 
     if args.list_samplers:
         print("\n".join(api.sampler_names()))
         return 0
+    check_numbers(args)
     api.check_sample_args(sampler=args.sampler, num_steps=args.steps, batch_size=args.batch)
     model, params, _ = api.load(args.workdir or args.checkpoint or args.reference_npz)
     import jax

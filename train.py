@@ -3,6 +3,11 @@
 Overrides: --config.train.batch_size=64; variants: --config configs/cifar10.py:arch=ncsnpp;
 YAML/JSON configs: --config my.yaml. Multi-host: --coordinator_address/--num_processes/
 --process_id or the JAX_* environment variables.
+
+A user error (bad config key or value, missing data, a workdir in use or holding a run
+with another config) prints one line ``error: ...`` and exits 2; a run that cannot go on
+(non-finite loss, failed checkpoint save) prints one line and exits 1. ``--debug`` shows
+the full traceback instead.
 """
 
 import sys
@@ -21,6 +26,32 @@ STOP = flags.DEFINE_integer("stop_at_step", None, "save and stop once this step 
 CACHE = flags.DEFINE_string(
     "jax_cache_dir", None, "persistent XLA compilation cache (reused by later runs)"
 )
+DEBUG = flags.DEFINE_bool("debug", False, "show full tracebacks of errors")
+
+# A user can fix these: exit status 2. A run that cannot go on: exit status 1.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error message on one line."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return "error: " + " ".join(text.split())
+
+
+def parse_flags(argv):
+    """absl flag parsing; a bad flag or config prints one line and exits 2 (unless --debug)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, *USER_ERRORS) as e:
+        if "--debug" in argv:
+            raise
+        line = _one_line(e)
+        if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown override key
+            key = str(e).strip("'\" ")
+            arg = next((a for a in argv[1:] if key and key in a), "")
+            line = f"error: unknown config key {key!r} in {arg}"
+        print(line, file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -29,6 +60,8 @@ def main(argv):
     import jax
 
     from edm_jax.train import NonFiniteLossError, maybe_initialize, train
+    from edm_jax.train.checkpoint import CheckpointSaveError
+    from edm_jax.train.workdir_lock import WorkdirLockedError
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if CACHE.value:
@@ -37,10 +70,12 @@ def main(argv):
     maybe_initialize(COORD.value, NPROC.value, PID.value, auto=AUTO.value)
     try:
         train(CONFIG.value, WORKDIR.value, stop_at_step=STOP.value)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (NonFiniteLossError, CheckpointSaveError, WorkdirLockedError, *USER_ERRORS) as e:
+        if DEBUG.value:
+            raise
+        print(_one_line(e), file=sys.stderr)
+        sys.exit(2 if isinstance(e, (WorkdirLockedError, *USER_ERRORS)) else 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -367,9 +367,10 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 def load(path) -> tuple[Any, Any, dict]:
     """(model, params, config) from a training workdir, one checkpoint, or a reference .npz.
 
-    A workdir gives its latest checkpoint's EMA parameters; a ``.npz`` holding an NVlabs/edm
-    state_dict (``config_json`` + ``param/<name>``) is converted. Raises FileNotFoundError if
-    ``path`` does not exist and ValueError if it holds neither.
+    A workdir gives its newest committed checkpoint's EMA parameters, read without writing
+    to the workdir (safe while training runs); a ``.npz`` holding an NVlabs/edm state_dict
+    (``config_json`` + ``param/<name>``) is converted. Raises FileNotFoundError if ``path``
+    does not exist and ValueError if it holds neither.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -383,74 +384,6 @@ def load(path) -> tuple[Any, Any, dict]:
 
         model, params = load_reference(path)
         return model, params, load_reference_npz(path)[0]
-    return _load_training_checkpoint(path)
+    from edm_jax.checkpoints import load_checkpoint
 
-
-def _locate_checkpoint(path: str) -> tuple[str, int | None]:
-    """(workdir, step) for a workdir (step None: the newest) or a checkpoints/<step> folder."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return path, None
-    parent, name = os.path.split(os.path.normpath(path))
-    is_step = name.isdigit() and os.path.basename(parent) == "checkpoints"
-    if is_step and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(parent), int(name)
-    raise ValueError(
-        f"no checkpoint found in {path}: expected a training workdir (holding checkpoints/), "
-        "one checkpoint folder (checkpoints/<step>) or a reference .npz"
-    )
-
-
-def _load_training_checkpoint(path: str) -> tuple[Any, Any, Any]:
-    """(model, EMA params, config) restored through edm_jax.train's Checkpointer."""
-    import ml_collections
-
-    from edm_jax.train import Checkpointer, init_state
-    from edm_jax.train.checkpoint import abstract_state
-
-    workdir, step = _locate_checkpoint(path)
-    ckpt = Checkpointer(workdir, use_async=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps or (step is not None and step not in steps):
-            raise ValueError(f"no committed checkpoint in {path} (steps found: {steps})")
-        config = ml_collections.ConfigDict(ckpt.read_config(steps[-1] if step is None else step))
-        model = _model_from_config(
-            config, ckpt.directory / str(steps[-1] if step is None else step)
-        )
-        init = functools.partial(init_state, model=model, config=config)
-        shape = jax.eval_shape(init, jax.random.key(0))
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = abstract_state(shape, jax.tree.map(lambda _: device, shape))
-        if step is None:
-            _, state, _ = ckpt.restore_latest(target)
-        else:
-            state = ckpt.manager.restore(step, args=_state_args(target))["state"]
-    finally:
-        ckpt.close()
-    return model, state.ema, config
-
-
-def _state_args(target):
-    """orbax arguments restoring only the 'state' item of a checkpoint into target."""
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(state=ocp.args.StandardRestore(target))
-
-
-def _model_from_config(config, step_dir) -> Any:
-    """The run's DiffusionModel; label_dim read from the checkpoint's map_label shape."""
-    import types
-
-    from edm_jax.train import build_model_from_config
-
-    label_dim = 0
-    if config.data.use_labels:
-        import orbax.checkpoint as ocp
-
-        tree = ocp.StandardCheckpointer().metadata(os.fspath(step_dir / "state")).item_metadata
-        label_dim = int(tree.tree["ema"]["map_label"]["kernel"].shape[0])
-    resolution = config.model.get("img_resolution", 0) or config.data.resolution
-    source = types.SimpleNamespace(
-        num_classes=label_dim, resolution=resolution, channels=config.data.channels
-    )
-    return build_model_from_config(config, source)
+    return load_checkpoint(path)

@@ -201,18 +201,35 @@ def test_cli_list_samplers(capsys):
     assert "heun" in names and "dpmpp_2m" in names and names == sorted(names)
 
 
-def test_cli_bad_input(tmp_path, fixtures_dir):
+def _cli_error(capsys, *argv) -> str:
+    """sample.py's one-line error for argv (exit status 2)."""
+    assert _run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_bad_input(tmp_path, fixtures_dir, capsys):
     npz = fixtures_dir / "net_ddpmpp_vp.npz"
-    with pytest.raises(ValueError, match="unknown sampler 'bogus'"):
-        _run_cli("--reference-npz", npz, "--sampler", "bogus", "--outdir", tmp_path)
-    with pytest.raises(ValueError, match="class 10 out of range; valid: 0..9"):
-        _run_cli("--reference-npz", npz, "--class", "10", "--outdir", tmp_path)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        _run_cli("--checkpoint", tmp_path / "nowhere", "--outdir", tmp_path)
+    assert "unknown sampler 'bogus'" in _cli_error(
+        capsys, "--reference-npz", npz, "--sampler", "bogus", "--outdir", tmp_path
+    )
+    assert "class 10 out of range; valid: 0..9" in _cli_error(
+        capsys, "--reference-npz", npz, "--class", "10", "--outdir", tmp_path
+    )
+    assert "nowhere" in _cli_error(capsys, "--checkpoint", tmp_path / "nowhere")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="no checkpoint"):
-        _run_cli("--workdir", tmp_path / "junk", "--outdir", tmp_path)
-    with pytest.raises(SystemExit):
-        _run_cli("--reference-npz", npz, "--seeds", "5-2")
+    assert "no checkpoint" in _cli_error(capsys, "--workdir", tmp_path / "junk")
+    for flag, value, match in [
+        ("--sigma-max", "inf", "sigma_max must be a finite number"),
+        ("--sigma-min", "90", "sigma_min=90.0 must be below sigma_max=80.0"),
+        ("--cfg-scale", "nan", "--cfg-scale must be a finite number"),
+    ]:
+        assert match in _cli_error(capsys, "--reference-npz", npz, flag, value)
+    with pytest.raises(ValueError, match="unknown sampler"):  # --debug: the traceback
+        _run_cli("--reference-npz", npz, "--sampler", "bogus", "--debug")
+    for seeds in ("5-2", str(2**32)):
+        with pytest.raises(SystemExit):
+            _run_cli("--reference-npz", npz, "--seeds", seeds)
     assert not list(tmp_path.glob("*.png"))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import sys
 import zipfile
 
@@ -260,12 +261,42 @@ def test_bad_input_errors(tmp_path, class_folder):
         load_source(_cfg(name="folder", path=str(root)))
 
 
-def test_truncated_image_is_named_when_decoded(tmp_path):
+def test_truncated_image_is_named_before_training(tmp_path, monkeypatch):
+    """Every image is decoded once when the source is built (issue 13 item 8)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = _png(_pattern(16, 16, 3, 0))
-    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])  # header fine, pixels missing
-    src = load_source(_cfg(name="folder", path=str(tmp_path), resolution=16))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ok.png").write_bytes(data)
+    (tmp_path / "d" / "t.png").write_bytes(data[: len(data) // 2])  # header fine, pixels missing
     with pytest.raises(ValueError, match="cannot decode image .*t.png"):
-        src[0]
+        load_source(_cfg(name="folder", path=str(tmp_path / "d"), resolution=16))
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+        z.writestr("ok.png", data)
+        z.writestr("t.png", data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot decode image .*d.zip:t.png"):
+        load_source(_cfg(name="zip", path=str(tmp_path / "d.zip"), resolution=16))
+
+
+def test_verified_images_are_not_decoded_again(tmp_path, monkeypatch):
+    """A restart skips images with the same size and mtime; a rewritten file is decoded."""
+    import edm_jax.data.sources as sources
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        (tmp_path / "d" / f"{i}.png").write_bytes(_png(_pattern(16, 16, 3, i)))
+    decoded = []
+    real = sources.verify_image
+    monkeypatch.setattr(sources, "verify_image", lambda d, r, n: decoded.append(n) or real(d, r, n))
+    cfg = _cfg(name="folder", path=str(tmp_path / "d"), resolution=16)
+    assert len(load_source(cfg)) == 3 and len(decoded) == 3
+    load_source(cfg)
+    assert len(decoded) == 3  # all cached
+    (tmp_path / "d" / "1.png").write_bytes(_png(_pattern(16, 16, 3, 0))[:40])
+    os.utime(tmp_path / "d" / "1.png", ns=(1, 1))
+    with pytest.raises(ValueError, match="1.png"):
+        load_source(cfg)
+    assert decoded[3:] == [str(tmp_path / "d" / "1.png")]
 
 
 def test_tfds_errors(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ __all__ = [
     "fit_array",
     "fit_image",
     "read_header",
+    "verify_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -103,3 +104,18 @@ def fit_array(image: np.ndarray, resolution: int, channels: int, name: str) -> n
         raise ValueError(f"{name}: images need 1, 3 or 4 channels, got shape {image.shape}")
     img = PIL.Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image)
     return fit_image(img, resolution, channels, name)
+
+
+def verify_image(data: bytes | str | os.PathLike, resolution: int, name: str) -> None:
+    """Read the header, check the size and decode every pixel once; errors name the file."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        img = PIL.Image.open(source)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
+    with img:
+        check_size(img.size, resolution, name)
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot decode image {name}: {e}") from e

@@ -80,23 +80,20 @@ class _HostBatches(grain.MapDataset):
 
 
 class DataPipeline:
-    """Iterator of host-local batches with checkpointable state (get_state / set_state)."""
+    """Iterator of host-local batches with checkpointable state (get_state / set_state).
 
-    def __init__(
-        self,
-        dataset: grain.IterDataset,
-        *,
-        source,
-        global_batch_size,
-        local_batch_size,
-        epoch_length,
-    ):
+    The state is the number of batches delivered, so it does not depend on num_workers
+    or prefetching: a run may resume with other loader settings and get the same batches.
+    """
+
+    def __init__(self, make_iter, *, source, global_batch_size, local_batch_size, epoch_length):
         self.source = source
         self.global_batch_size = global_batch_size
         self.local_batch_size = local_batch_size
         self.steps_per_epoch = epoch_length // global_batch_size
-        self._dataset = dataset
-        self._iter = iter(dataset)
+        self._make_iter = make_iter  # start batch -> grain iterator
+        self._iter = make_iter(0)
+        self._next = 0
 
     def __iter__(self) -> DataPipeline:
         """The pipeline is its own iterator."""
@@ -104,19 +101,26 @@ class DataPipeline:
 
     def __next__(self) -> dict[str, np.ndarray]:
         """Next host-local batch {'image': float32 [b,H,W,C], 'label': int32 [b]}."""
-        return next(self._iter)
+        batch = next(self._iter)
+        self._next += 1
+        return batch
 
     def get_state(self) -> dict:
-        """JSON-serialisable position of the iterator."""
-        return self._iter.get_state()
+        """JSON-serialisable position of the iterator: {'next_batch': k}."""
+        return {"next_batch": self._next}
 
     def set_state(self, state: dict) -> None:
-        """Resume from get_state's dict (same source, seed, sharding and num_workers)."""
-        self._iter.set_state(state)
+        """Resume from get_state's dict (same source, seed and sharding; any num_workers)."""
+        if "next_batch" not in state:  # written by an older version: grain's own state
+            self._iter.set_state(state)
+            return
+        self.close()
+        self._next = int(state["next_batch"])
+        self._iter = self._make_iter(self._next)
 
     @property
     def iterator(self) -> grain.DatasetIterator:
-        """The underlying grain iterator (e.g. for grain's orbax checkpoint handler)."""
+        """The underlying grain iterator."""
         return self._iter
 
     def close(self) -> None:
@@ -124,6 +128,22 @@ class DataPipeline:
         close = getattr(self._iter, "close", None)
         if close is not None:
             close()
+
+
+def _watch_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker init: exit when the parent dies (SIGKILL leaves no one to stop us)."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
 def _ensure_absl_flags() -> None:
@@ -184,12 +204,21 @@ def make_pipeline(
         shard=(shard_index, shard_count),
     )
     threads, buffer = (2, 2) if num_workers > 0 else (8, 8)  # per process
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
-    if num_workers > 0:
-        _ensure_absl_flags()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+
+    def make_iter(start: int) -> grain.DatasetIterator:
+        """Iterator over this host's batches start, start+1, ..."""
+        part = ds if start == 0 else ds.slice(slice(start, None))
+        it = part.to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+        )
+        if num_workers > 0:
+            _ensure_absl_flags()
+            options = grain.MultiprocessingOptions(num_workers=num_workers)
+            it = it.mp_prefetch(options, worker_init_fn=_watch_parent)
+        return iter(it)
+
     return DataPipeline(
-        it,
+        make_iter,
         source=source,
         global_batch_size=global_batch_size,
         local_batch_size=b,

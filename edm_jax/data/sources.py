@@ -2,20 +2,24 @@
 
 Every source is grain-compatible (``__len__``, ``__getitem__`` -> ``{'image': uint8
 [R,R,C], 'label': int32}``) and has ``resolution``, ``channels`` and ``num_classes``
-(0 when labels are not used). Files are checked (readable, large enough) when the
-source is built, so bad data fails before training starts.
+(0 when labels are not used). Every image of a folder or zip is decoded once when the
+source is built (with a progress bar), so bad data fails before training starts with an
+error naming the file; files already verified (same size and mtime, recorded under
+``$XDG_CACHE_HOME/edm_jax/verified``) are not decoded again, so restarts are fast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from edm_jax.data.images import IMAGE_EXTENSIONS, check_size, decode_image, fit_array, read_header
+from edm_jax.data.images import IMAGE_EXTENSIONS, check_size, decode_image, fit_array, verify_image
 
 __all__ = ["ArraySource", "FolderSource", "ImageSource", "ZipSource", "digits_source", "npz_source"]
 
@@ -176,6 +180,49 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _stamp(path: Path) -> list[int]:
+    """[size, mtime_ns] of a file: changes when the file is rewritten."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _verified_path(key: str) -> Path:
+    """Cache file recording which images of a dataset were verified."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edm_jax" / "verified" / (hashlib.sha1(key.encode()).hexdigest() + ".json")
+
+
+def _read_verified(key: str) -> dict:
+    """{name: stamp} of images verified before (empty if none or unreadable)."""
+    try:
+        return json.loads(_verified_path(key).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified(key: str, stamps: dict) -> None:
+    """Record verified images (best effort: a read-only cache only costs time)."""
+    path = _verified_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _verify_images(names: list[str], read: Callable[[str], bytes | Path], where: str,
+                   resolution: int) -> None:  # fmt: skip
+    """Decode each named image once (progress bar when many); errors name the file."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(names, desc=f"checking images in {where}", unit="img", disable=len(names) < 500)
+    for name in bar:
+        data = read(name)
+        verify_image(data, resolution, str(data) if isinstance(data, Path) else f"{where}:{name}")
+
+
 def _edm_labels(raw: bytes | None, fnames: list[str], where: str):
     """Labels from an EDM dataset.json ({'labels': [[fname, label], ...] | null}) or None."""
     if raw is None:
@@ -208,8 +255,13 @@ class FolderSource(ImageSource):
         if not self._fnames:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self._root, self.resolution, self.channels = root, int(resolution), int(channels)
-        for f in self._fnames:
-            check_size(read_header(root / f, str(root / f)), self.resolution, str(root / f))
+        key = f"folder:{root.absolute()}:{self.resolution}"
+        stamps = {f: _stamp(root / f) for f in self._fnames}
+        seen = _read_verified(key)
+        todo = [f for f in self._fnames if seen.get(f) != stamps[f]]
+        _verify_images(todo, lambda f: root / f, str(root), self.resolution)
+        if todo:
+            _write_verified(key, stamps)
         meta = root / "dataset.json"
         labels = _edm_labels(meta.read_bytes() if meta.exists() else None, self._fnames, str(root))
         if labels is None and use_labels:
@@ -251,9 +303,11 @@ class ZipSource(ImageSource):
         self._fnames = sorted(n for n in names if _is_image(n))
         if not self._fnames:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self._path}")
-        for f in self._fnames:
-            where = f"{self._path}:{f}"
-            check_size(read_header(self._file().read(f), where), self.resolution, where)
+        key = f"zip:{self._path.absolute()}:{self.resolution}"
+        stamp = {"zip": _stamp(self._path)}
+        if _read_verified(key) != stamp:
+            _verify_images(self._fnames, self._file().read, str(self._path), self.resolution)
+            _write_verified(key, stamp)
         raw = self._file().read("dataset.json") if "dataset.json" in names else None
         self._set_labels(_edm_labels(raw, self._fnames, str(self._path)), use_labels, str(path))
 

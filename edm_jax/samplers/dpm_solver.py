@@ -111,6 +111,9 @@ _STEPS = {1: _step1, 2: _step2, 3: _step3}
 
 
 def _check_range(sigma_min, sigma_max) -> None:
+    """Concrete 0 < sigma_min < sigma_max < inf, else ValueError (traced values pass)."""
+    from edm_jax.samplers.checks import check_range
+
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         try:
             bad = float(v) <= 0
@@ -118,6 +121,7 @@ def _check_range(sigma_min, sigma_max) -> None:
             bad = False
         if bad:
             raise ValueError(f"{name} must be > 0 for DPM-Solver, got {v!r}")
+    check_range(sigma_min, sigma_max)
 
 
 def _time_range(sigma_min, sigma_max) -> tuple[Array, Array]:

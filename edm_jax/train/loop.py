@@ -1,14 +1,16 @@
 """The training loop: build everything from a config, resume, train, log, sample, checkpoint.
 
-``train(config, workdir)`` validates the config against the devices and the data before
-anything is compiled, resumes from the newest readable checkpoint in ``workdir``, and
-returns a summary dict. SIGTERM (or ``stop_at_step``) saves a checkpoint and returns.
+``train(config, workdir)`` takes the workdir's lock, validates the config against the
+devices and the data before anything is compiled, resumes from the newest readable
+checkpoint in ``workdir`` (refusing a config change that shapes the state), and returns a
+summary dict. SIGTERM, SIGINT (Ctrl-C) or ``stop_at_step`` save a checkpoint and return.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -20,16 +22,20 @@ import jax
 import ml_collections
 import numpy as np
 
+from edm_jax.checkpoints import model_from_spec
+from edm_jax.data.augment import augment_dim
 from edm_jax.data.load import load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.metrics.evaluate import make_evaluator
+from edm_jax.nets.presets import resolve_arch
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
 from edm_jax.train.reporting import Reporter, summarize_rows
 from edm_jax.train.state import init_state, lr_schedule
 from edm_jax.train.step import batch_sharding, make_mesh, make_train_step, state_sharding
-from edm_jax.train.validate import build_model_from_config, validate_config, validate_data
+from edm_jax.train.validate import check_numbers_and_platform, validate_config, validate_data
+from edm_jax.train.workdir_lock import WorkdirLock
 
 __all__ = ["Run", "setup", "total_steps", "train"]
 
@@ -56,6 +62,8 @@ class Run:
     step_fn: Any
     checkpointer: Checkpointer
     resumed_from: int | None
+    spec: dict
+    lock: WorkdirLock | None = None
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -65,23 +73,73 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def model_spec(config: ml_collections.ConfigDict, source) -> dict:
+    """Everything build_model needs (JSON), saved with each checkpoint for readers."""
+    _, fields = resolve_arch(config.model.arch)
+    net = {**fields, **config.model.net.to_dict()}
+    return json.loads(json.dumps({
+        "version": 1, "arch": config.model.arch, "precond": config.model.precond,
+        "precond_kwargs": config.model.precond_kwargs.to_dict(),
+        "img_resolution": source.resolution, "img_channels": source.channels,
+        "label_dim": source.num_classes if config.data.use_labels else 0,
+        "augment_dim": augment_dim() if config.train.augment_p > 0 else 0,
+        "dtype": config.model.dtype, "self_cond": bool(config.model.self_cond),
+        "patch_size": config.model.patch_size, "net": net,
+    }))  # fmt: skip
+
+
+def _lock(workdir: Path) -> WorkdirLock | None:
+    """The workdir lock, held by the primary process of a run."""
+    if jax.process_index() != 0:
+        return None
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    return lock
+
+
+def _restore(ckpt: Checkpointer, config, shape, shardings):
+    """Restore the newest readable step (None if none), saying which config changes it allows."""
+    restored = ckpt.restore_latest(abstract_state(shape, shardings), json.loads(to_json(config)))
+    if restored is not None and restored[3] and jax.process_index() == 0:
+        print(f"resuming from step {restored[0]} with changed settings that are safe to "
+              f"change: {'; '.join(restored[3])}", flush=True)  # fmt: skip
+    return restored
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) -> Run:
-    """Validate, build model/mesh/step, restore or initialise the state, position the data."""
+    """Lock the workdir, validate, build model/mesh/step, restore or initialise the state."""
     devices = jax.devices() if devices is None else list(devices)
     validate_config(config, len(devices))
+    check_numbers_and_platform(config, devices)
     source = load_source(config.data)
     validate_data(config, source)
-    model = build_model_from_config(config, source)
+    spec = model_spec(config, source)
+    model = model_from_spec(spec)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(workdir)
+    try:
+        return _build(config, workdir, devices, source, spec, model, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
+    """setup() once the workdir is locked."""
     mesh = make_mesh(devices)
     init = functools.partial(init_state, model=model, config=config)
     shape = jax.eval_shape(init, jax.random.key(0))
     shardings = state_sharding(shape, mesh, config.train.fsdp, config.train.fsdp_min_size)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(
         workdir, keep=config.log.keep_checkpoints, keep_period=config.log.keep_period_steps
     )
-    restored = ckpt.restore_latest(abstract_state(shape, shardings))
+    try:
+        restored = _restore(ckpt, config, shape, shardings)
+    except BaseException:
+        ckpt.close()
+        raise
     pipeline = make_pipeline(
         source, global_batch_size=config.train.batch_size, seed=config.seed,
         num_workers=config.data.num_workers,
@@ -93,36 +151,44 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     else:
         state = restored[1]
         pipeline.set_state(restored[2])
+        ckpt.last_saved = restored[0]
     if jax.process_index() == 0:
         _write_text_atomic(workdir / "config.json", to_json(config))
     step_fn = make_train_step(model, config, mesh, shardings)
     resumed = None if restored is None else restored[0]
-    return Run(config, workdir, model, mesh, state, pipeline, step_fn, ckpt, resumed)
+    return Run(config, workdir, model, mesh, state, pipeline, step_fn, ckpt, resumed, spec, lock)
 
 
 class _StopFlag:
-    """Set by SIGTERM (when installed from the main thread); restored on exit."""
+    """Set by SIGTERM or SIGINT (when installed from the main thread); restored on exit.
+
+    A second SIGINT raises KeyboardInterrupt at once (the checkpoint is not waited for).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.set, self._previous = False, None
+        self.set, self.name, self._previous = False, "", {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.set = True
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set, self.name = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
 
 
 def _save(run: Run, step: int) -> None:
-    """Checkpoint state, data position and config at step (async)."""
-    run.checkpointer.save(step, run.state, run.pipeline.get_state(), to_json(run.config))
+    """Checkpoint state, data position, config and model spec at step (async)."""
+    run.checkpointer.save(step, run.state, run.pipeline.get_state(), to_json(run.config), run.spec)
 
 
 def _maybe_grid(run: Run, sampler, step: int, prev_step: int | None) -> str | None:
@@ -177,9 +243,10 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
     grid_step = step if info["grid"] else None
     evaluate = make_evaluator(run)  # eval.every_kimg: FID etc. (no-op when off)
     while step < total:
+        run.checkpointer.check()  # a failed background save stops the run now
         preempted = stop.set or run.checkpointer.reached_preemption(step)
         if preempted or (stop_at_step is not None and step >= stop_at_step):
-            info["status"] = "stopped (SIGTERM)" if preempted else "stopped"
+            info["status"] = f"stopped ({stop.name or 'SIGTERM'})" if preempted else "stopped"
             break
         batch = to_global(next(run.pipeline), shard)
         run.state, metrics = run.step_fn(run.state, batch)
@@ -192,7 +259,7 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
             info["grid"], grid_step = path, step
         evaluate(reporter, step, step - 1)
     _log(run, reporter, pending, step)
-    if step not in run.checkpointer.all_steps() and step > 0:
+    if run.checkpointer.last_saved != step and step > 0:
         _save(run, step)
     if info["status"] == "finished" and grid_step != step:
         info["grid"] = _maybe_grid(run, sampler, step, None) or info["grid"]
@@ -207,7 +274,11 @@ def train(
     stop_at_step: int | None = None,
     print_summary: bool = True,
 ) -> dict:
-    """Train (or resume) per config in workdir; returns a summary (status, step, last metrics)."""
+    """Train (or resume) per config in workdir; returns a summary.
+
+    Keys: status, step, last (metrics), resumed_from, checkpoint, grid, params, state
+    (the final TrainState), data_state (the pipeline position) and num_devices.
+    """
     run = setup(config, workdir, devices)
     reporter = Reporter(
         run.workdir, total_steps=total_steps(config), start_step=int(jax.device_get(run.state.step)),
@@ -223,8 +294,15 @@ def train(
         text = reporter.summary(info)
         if print_summary and jax.process_index() == 0:
             print(text, flush=True)
-        return info | {"last": reporter.last, "resumed_from": run.resumed_from, "run": run}
+        return info | {
+            "last": reporter.last, "resumed_from": run.resumed_from, "state": run.state,
+            "data_state": run.pipeline.get_state(), "num_devices": run.mesh.devices.size,
+        }  # fmt: skip
     finally:
         reporter.close()
-        run.checkpointer.close()
-        run.pipeline.close()
+        try:
+            run.checkpointer.close()
+        finally:
+            run.pipeline.close()
+            if run.lock is not None:
+                run.lock.release()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-__all__ = ["NonFiniteLossError", "Reporter", "summarize_rows"]
+__all__ = ["NonFiniteLossError", "Reporter", "append_line", "repair_stats", "summarize_rows"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -20,6 +21,38 @@ class NonFiniteLossError(RuntimeError):
 def summarize_rows(rows: list[dict]) -> dict:
     """Mean of each metric over per-step metric dicts (host numpy)."""
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one whole line with a single O_APPEND write (a crash leaves no half line)."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(f"short write to {path} (disk full?)")
+    finally:
+        os.close(fd)
+
+
+def repair_stats(path: Path, start_step: int) -> None:
+    """Drop a partial last line and rows past start_step (logged after the checkpoint resumed)."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text.split("\n")
+    kept = []
+    for line in lines[:-1]:  # the text after the last newline is a partial line, if any
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= start_step:
+            kept.append(line)
+    new = "".join(line + "\n" for line in kept)
+    if new != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(new)
+        os.replace(tmp, path)
 
 
 class Reporter:
@@ -32,6 +65,8 @@ class Reporter:
         self.primary = jax.process_index() == 0
         self.t_start = self.t_last = time.time()
         self.step_last, self.last = start_step, {}
+        if self.primary:
+            repair_stats(self.workdir / "stats.jsonl", start_step)
         self.bar = self._bar(use_tqdm)
         self.tb = self._tensorboard(use_tensorboard)
 
@@ -71,8 +106,7 @@ class Reporter:
         return row
 
     def _write(self, row: dict) -> None:
-        with open(self.workdir / "stats.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.workdir / "stats.jsonl", json.dumps(row))
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":

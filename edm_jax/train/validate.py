@@ -146,3 +146,18 @@ def build_model_from_config(config: ml_collections.ConfigDict, source) -> Diffus
         precond_kwargs=config.model.precond_kwargs.to_dict(),
         **config.model.net.to_dict(),
     )
+
+
+def check_numbers_and_platform(config: ml_collections.ConfigDict, devices) -> None:
+    """Learning rate finite and > 0; model.dtype float16 only on accelerators."""
+    import math
+
+    lr = config.optim.lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"config.optim.lr must be a finite number > 0, got {lr!r}")
+    platforms = sorted({d.platform for d in devices})
+    if config.model.dtype == "float16" and platforms == ["cpu"]:
+        raise ValueError(
+            "config.model.dtype='float16' is not supported on the CPU (XLA's CPU float16 "
+            "convolutions are slow and overflow-prone); use 'float32' or 'bfloat16'"
+        )
