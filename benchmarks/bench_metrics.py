@@ -18,8 +18,10 @@ import argparse
 import dataclasses
 import json
 import time
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from edm_jax.metrics import detectors, evaluate
@@ -27,12 +29,20 @@ from edm_jax.metrics.dinov2 import DINOV2_PRESETS
 
 
 def _random_like(tree, seed: int = 0):
-    """Random float32 arrays shaped like the ShapeDtypeStructs of tree (scale 0.02)."""
+    """Random float32 arrays shaped like tree's ShapeDtypeStructs: normal(0, 0.02) kernels,
+    ones for norm scales and running variances, zeros for the rest (finite features)."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.02).astype(np.float32), tree)
+
+    def leaf(path, s):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("kernel", "embedding") or "embed" in name or "token" in name:
+            return (rng.standard_normal(s.shape) * 0.02).astype(np.float32)
+        return np.full(s.shape, 1.0 if name in ("scale", "var", "gamma") else 0.0, np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-TINY = {"inception": {"width": 1 / 16, "size": 75},
+TINY: dict[str, dict[str, Any]] = {"inception": {"width": 1 / 16, "size": 75},
         "dinov2": {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 224, "size": 56}}  # fmt: skip
 
 
@@ -40,7 +50,9 @@ def _detector(name: str, weights: str | None, tiny: bool) -> detectors.Detector:
     """Real weights if given; else random weights (full size, or small with --tiny)."""
     if weights:
         return detectors.load_detector(name, weights)
-    config = {} if name == "inception" else dataclasses.asdict(DINOV2_PRESETS["dinov2_vitl14"])
+    config: dict[str, Any] = (
+        {} if name == "inception" else dataclasses.asdict(DINOV2_PRESETS["dinov2_vitl14"])
+    )
     module, size = detectors._module(name, "float32", **(TINY[name] if tiny else config))  # noqa: SLF001
     params = _random_like(detectors.param_template(module, size))
     return detectors._make(name, module, params, size)  # noqa: SLF001
@@ -48,7 +60,7 @@ def _detector(name: str, weights: str | None, tiny: bool) -> detectors.Detector:
 
 def features_per_s(det: detectors.Detector, res: int, batch: int, repeats: int) -> dict:
     """Features/s of det on uint8 [batch, res, res, 3] images (after one warm-up call)."""
-    x = np.random.default_rng(0).integers(0, 256, [batch, res, res, 3], dtype=np.uint8)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, [batch, res, res, 3], np.uint8))
     t0 = time.time()
     det.features(x).block_until_ready()
     compile_s = time.time() - t0
@@ -64,7 +76,9 @@ def _ddpmpp(tiny: bool):
     """(model, random params) of EDM's CIFAR-10 DDPM++ (conditional), or a small one."""
     from edm_jax.nets.presets import build_model
 
-    extra = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1) if tiny else {}
+    extra: dict[str, Any] = (
+        dict(model_channels=16, channel_mult=(1, 2), num_blocks=1) if tiny else {}
+    )
     model = build_model("ddpmpp_cifar10", img_resolution=32, img_channels=3, label_dim=10, **extra)
     return model, _random_like(jax.eval_shape(model.init, jax.random.key(0)))
 
@@ -74,7 +88,7 @@ def gen_fid(inception: detectors.Detector, n: int, batch: int, steps: int, tiny:
     model, params = _ddpmpp(tiny)
     dim = inception.feature_dim
     ref = {"fid": {"mu": np.zeros(dim), "sigma": np.eye(dim)}}
-    kw = dict(sampler="heun", num_steps=steps)
+    kw: dict[str, Any] = dict(sampler="heun", num_steps=steps)
     t0 = time.time()
     warm = evaluate.Scorer(["fid"], {"inception": inception}, max(batch, 2), batch)
     evaluate.generate_and_score(

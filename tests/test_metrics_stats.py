@@ -170,3 +170,10 @@ def test_reference_errors(tmp_path, fr):
         refs.check_ref(ref, "fd_dinov2", 64, "ref.npz")
     with pytest.raises(ValueError, match="no Inception features for KID"):
         refs.check_ref(ref, "kid", 64, "ref.npz")
+
+
+def test_non_finite_statistics_are_a_clear_error(fr):
+    sigma = fr["sigma_a"].copy()
+    sigma[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stats.frechet_distance(fr["mu_a"], sigma, fr["mu_b"], fr["sigma_b"])

@@ -64,6 +64,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("statistics hold NaN or inf (non-finite features); valid: finite values")
     m = np.square(mu1 - mu2).sum()
     s = _sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
