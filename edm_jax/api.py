@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import guidance, schedules
 from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, sampler_info
+from edm_jax.samplers.checks import MAX_SEED, check_range, check_scalar
 from edm_jax.types import Array
 
 __all__ = [
@@ -70,6 +71,8 @@ def _resolve_seeds(num_samples: int | None, seeds) -> np.ndarray:
     arr = np.asarray(seeds)
     if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu" or np.any(arr < 0):
         raise ValueError(f"seeds must be a non-empty 1-D list of ints >= 0, got {seeds!r}")
+    if np.any(arr > MAX_SEED):  # seeds are folded into keys as uint32: larger ones would alias
+        raise ValueError(f"seed {int(arr.max())} is out of range: seeds must be in [0, {MAX_SEED}]")
     return arr.astype(np.int64)
 
 
@@ -265,8 +268,7 @@ def _model_range(model) -> tuple[float, float]:
 
 def _sigma_range(model, sigma_min, sigma_max) -> tuple[float, float]:
     """(sigma_min, sigma_max) clipped to the model's range, as NVlabs/edm ``edm_sampler``."""
-    schedules.check_positive("sigma_min", sigma_min)
-    schedules.check_positive("sigma_max", sigma_max)
+    check_range(sigma_min, sigma_max)  # finite, 0 < sigma_min < sigma_max
     model_lo, model_hi = _model_range(model)
     lo, hi = max(float(sigma_min), model_lo), min(float(sigma_max), model_hi)
     if lo >= hi:
@@ -313,6 +315,8 @@ def sample(
     [-1, 1] unless ``model.clip_output`` is False (latent models, wrapped models).
     """
     check_sample_args(sampler, num_steps, batch_size, **sampler_options)
+    check_scalar("cfg_scale", cfg_scale)
+    check_scalar("rho", rho, positive=True, allow_zero=False)
     seed_arr = _resolve_seeds(num_samples, seeds)
     label_dim = int(getattr(model, "label_dim", 0) or 0)
     _resolve_labels(labels, len(seed_arr), label_dim, cfg_scale)  # validate before compute

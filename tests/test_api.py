@@ -95,6 +95,11 @@ def test_other_sampler_signatures(sampler, options):
         (dict(seeds=[1, 2]), "exactly one of num_samples or seeds"),
         (dict(num_samples=None, seeds=[-1]), "seeds must be"),
         (dict(return_trajectory=True), "sets \\['return_trajectory'\\] itself"),
+        (dict(sigma_max=float("inf")), "sigma_max must be a finite number"),
+        (dict(sigma_min=1.0, sigma_max=0.5), "sigma_min=1.0 must be below sigma_max=0.5"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+        (dict(rho=0.0), "rho must be > 0"),
+        (dict(num_samples=None, seeds=[2**32]), "seed 4294967296 is out of range"),
     ],
 )
 def test_bad_input(kwargs, match):

@@ -304,6 +304,9 @@ def test_sampler_inputs_are_checked():
     with pytest.raises(ValueError, match="seed 4294967296 is out of range"):
         check_seeds([0, 2**32])
     x = np.zeros((2, 4, 4, 1), np.float32)
+    for name in ("euler", "heun", "dpmpp_2m", "euler_ancestral"):  # grids reach every sampler
+        with pytest.raises(ValueError, match="non-increasing"):
+            SAMPLERS[name](lambda x, s: x, x, np.array([0.002, 80.0, 0.0]), rng=jax.random.key(0))
     with pytest.raises(ValueError, match="sigma_min=80.0 must be below sigma_max=0.002"):
         SAMPLERS["dpm_fast"](lambda x, s: x, x, 80.0, 0.002, 10)
     with pytest.raises(ValueError, match="sigma_max must be a finite number"):

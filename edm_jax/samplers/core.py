@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from edm_jax.samplers.checks import check_sigmas
 from edm_jax.types import Array, Denoiser, StepCallback
 
 
@@ -42,6 +43,7 @@ def prepare(x: Array, sigmas: Array) -> tuple[Array, Array]:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+    check_sigmas(sigmas)  # concrete grids: finite, >= 0, non-increasing (traced: unchecked)
     sigmas = jnp.asarray(sigmas, x.dtype)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(
