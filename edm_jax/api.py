@@ -200,7 +200,7 @@ def _program(model, spec: _Spec) -> Callable:
 
     def run(params, keys, classes, cfg_scale):
         out = jax.vmap(one, in_axes=(None, 0, 0, None))(params, keys, classes, cfg_scale)
-        return jnp.clip(out, -1.0, 1.0)
+        return out if getattr(model, "encoder", None) else jnp.clip(out, -1.0, 1.0)
 
     return jax.jit(run)
 
@@ -313,7 +313,17 @@ def sample(
         sampler, shape, label_dim, num_steps, sigma_min, sigma_max, float(rho), guided, opts
     )
     program = _cached_program(model, spec)
-    return _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale)
+    out = _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale)
+    if getattr(model, "encoder", None):  # latent model: decode the latents to images
+        from edm_jax.data.latents import decode_to_unit_range
+
+        out = np.concatenate(
+            [
+                np.asarray(decode_to_unit_range(model.encoder, out[i : i + bs]))
+                for i in range(0, len(out), bs)
+            ]
+        )
+    return out
 
 
 def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) -> np.ndarray:

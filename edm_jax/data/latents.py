@@ -20,7 +20,15 @@ import numpy as np
 
 from edm_jax.nets.vae import AutoencoderKL, DiagonalGaussian
 
-__all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "LatentCodec", "final_latents", "latent_scale_bias"]
+__all__ = [
+    "EDM2_RAW_MEAN",
+    "EDM2_RAW_STD",
+    "LatentCodec",
+    "decode_to_unit_range",
+    "final_latents",
+    "latent_scale_bias",
+    "load_codec",
+]
 
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # encoders.py defaults for sd-vae-ft-mse
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -104,3 +112,28 @@ class LatentCodec:
     def decode(self, x) -> jax.Array:
         """uint8 pixels [B,H,W,C]: clamp to [0, 1], x255, truncation toward zero (as torch)."""
         return (jnp.clip(self.decode_float(x), 0, 1) * 255).astype(jnp.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def load_codec(encoder: str, weights: str) -> LatentCodec:
+    """LatentCodec (EDM2 defaults) of a VAE preset or diffusers config.json and .npz weights."""
+    import json
+    from pathlib import Path
+
+    from edm_jax.nets.vae import build_vae, load_vae_npz
+
+    spec: str | dict = encoder
+    if encoder.endswith(".json"):
+        spec = json.loads(Path(encoder).read_text())
+    vae = build_vae(spec)
+    if not weights:
+        raise ValueError(f"encoder {encoder!r} needs its weights (.npz): set encoder_weights")
+    with np.load(weights) as f:
+        prefix = "param/" if any(k.startswith("param/") for k in f.files) else ""
+    return LatentCodec.edm2(vae, load_vae_npz(vae, weights, prefix))
+
+
+def decode_to_unit_range(encoder: tuple[str, str], latents) -> jax.Array:
+    """Final latents -> images in [-1, 1] (the VAE output clamped to [0, 1], then 2x - 1)."""
+    codec = load_codec(*encoder)
+    return jnp.clip(codec.decode_float(latents), 0, 1) * 2 - 1

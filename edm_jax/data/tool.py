@@ -91,16 +91,9 @@ def _check_args(a: ToolArgs) -> None:
 
 def load_encoder(name: str, weights: str):
     """A LatentCodec (EDM2 normalisation) from a preset or config.json and .npz weights."""
-    from edm_jax.data.latents import LatentCodec
-    from edm_jax.nets.vae import build_vae, load_vae_npz
+    from edm_jax.data.latents import load_codec
 
-    spec: str | dict = name
-    if name.endswith(".json"):
-        spec = json.loads(Path(name).read_text())
-    vae = build_vae(spec)
-    with np.load(weights) as f:
-        prefix = "param/" if any(k.startswith("param/") for k in f.files) else ""
-    return LatentCodec.edm2(vae, load_vae_npz(vae, weights, prefix))
+    return load_codec(name, weights)
 
 
 def _sharded_encoder(codec, batch_per_device: int):

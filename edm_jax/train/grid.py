@@ -45,8 +45,13 @@ def make_grid_sampler(
         def denoise(x, sigma):
             return model.denoise(params, x, sigma, labels=labels)
 
-        return jnp.clip(SAMPLERS[sampler](denoise, x, sigmas, rng=k_s), -1.0, 1.0)
+        out = SAMPLERS[sampler](denoise, x, sigmas, rng=k_s)
+        return out if getattr(model, "encoder", None) else jnp.clip(out, -1.0, 1.0)
 
+    if getattr(model, "encoder", None):  # latent model: decode to images in [-1, 1]
+        from edm_jax.data.latents import decode_to_unit_range
+
+        return lambda rng, params: decode_to_unit_range(model.encoder, sample(rng, params))
     return sample
 
 
