@@ -136,7 +136,7 @@ def test_wrong_config_names_first_mismatch(ref, model):
         build_vae("sd-xl")
 
 
-def test_converter_formats(tmp_path, ref, model):
+def test_converter_formats(tmp_path, ref, model, capsys):
     """The converter: .npz out; .bin via torch when installed; missing libraries say so."""
     try:
         import safetensors  # noqa: F401
@@ -145,12 +145,16 @@ def test_converter_formats(tmp_path, ref, model):
             vae_lib.read_torch_weights(str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="unknown weights format 'w.h5'"):
         vae_lib.read_torch_weights("w.h5")
+    with pytest.raises(SystemExit):
+        vae_lib.convert_main(["convert", str(tmp_path / "none.bin"), str(tmp_path / "o.npz")])
+    assert "no such weights file" in capsys.readouterr().err
     torch = pytest.importorskip("torch")
     sd = {k: torch.from_numpy(v) for k, v in vae_lib.to_state_dict(model[1]).items()}
     torch.save(sd, tmp_path / "w.bin")
     (tmp_path / "config.json").write_text(str(ref["config_json"]))
-    with pytest.raises(ValueError, match="first mismatching key"):
+    with pytest.raises(SystemExit):
         vae_lib.convert_main(["convert", str(tmp_path / "w.bin"), str(tmp_path / "w.npz")])
+    assert "first mismatching key" in capsys.readouterr().err
     assert not (tmp_path / "w.npz").exists()
     cmd = ["convert", str(tmp_path / "w.bin"), str(tmp_path / "w.npz")]
     vae_lib.convert_main([*cmd, "--config", str(tmp_path / "config.json")])

@@ -420,11 +420,16 @@ def convert_main(argv: Sequence[str] | None = None) -> None:
     if not args.dest.endswith(".npz"):
         p.error(f"dest must end in .npz, got {args.dest!r}")
     spec = args.preset
-    if args.config:
-        with open(args.config) as f:
-            spec = json.load(f)
-    sd = read_torch_weights(args.src)
-    from_state_dict(build_vae(spec), sd)  # checks every key and shape before writing
+    try:
+        if not os.path.exists(args.src):
+            raise FileNotFoundError(f"no such weights file: {args.src}")
+        if args.config:
+            with open(args.config) as f:
+                spec = json.load(f)
+        sd = read_torch_weights(args.src)
+        from_state_dict(build_vae(spec), sd)  # checks every key and shape before writing
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        p.exit(2, f"error: {e}\n")
     sd = {_modern_name(k): np.asarray(v, np.float32) for k, v in sd.items()}
     tmp = args.dest[: -len(".npz")] + ".tmp.npz"
     np.savez(tmp, **sd)  # type: ignore[arg-type]
