@@ -326,11 +326,21 @@ def sample(
     spec = _Spec(
         sampler, shape, label_dim, num_steps, lo, hi, float(rho),
         guided=classes is not None and float(cfg_scale) != 1.0,
-        clip=bool(getattr(model, "clip_output", True)),
+        clip=bool(getattr(model, "clip_output", True)) and not getattr(model, "encoder", None),
         options=tuple(sorted(sampler_options.items())),
     )  # fmt: skip
     program = _cached_program(model, spec)
-    return _run_batches(program, rng, params, seed_arr, classes, bs, progress, cfg_scale)
+    out = _run_batches(program, rng, params, seed_arr, classes, bs, progress, cfg_scale)
+    if getattr(model, "encoder", None):  # latent model: decode the latents to images
+        from edm_jax.data.latents import decode_to_unit_range
+
+        out = np.concatenate(
+            [
+                np.asarray(decode_to_unit_range(model.encoder, out[i : i + bs]))
+                for i in range(0, len(out), bs)
+            ]
+        )
+    return out
 
 
 @jax.jit

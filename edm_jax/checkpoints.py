@@ -13,6 +13,7 @@ falling back to an older step when the newest cannot be read (e.g. while it is d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -125,7 +126,9 @@ def model_from_spec(spec: dict) -> Any:
     net = spec.pop("net")
     spec.pop("version", None)
     arch = spec.pop("arch")
-    return build_model(arch, **spec, **net)
+    encoder = spec.pop("encoder", None)  # latent models: (VAE preset or config, weights)
+    model = build_model(arch, **spec, **net)
+    return dataclasses.replace(model, encoder=tuple(encoder)) if encoder else model
 
 
 def locate_checkpoint(path: str) -> tuple[Path, int | None]:

@@ -43,12 +43,20 @@ def _npz(cfg: Mapping, **kw) -> ImageSource:
     return npz_source(cfg.get("path"), **kw)
 
 
+def _latents(cfg: Mapping, **kw):
+    """VAE latents written by `python -m edm_jax.data.tool --encoder ...` (path)."""
+    from edm_jax.data.latent_source import LatentSource
+
+    return LatentSource(cfg.get("path"), use_labels=kw["use_labels"])
+
+
 SOURCES: dict[str, Callable[..., ImageSource]] = {
     "digits": _digits,
     "tfds": _tfds,
     "folder": _folder,
     "zip": _zip,
     "npz": _npz,
+    "latents": _latents,
 }
 
 
@@ -63,10 +71,12 @@ def load_source(data_cfg: Mapping) -> ImageSource:
     resolution, channels = data_cfg.get("resolution"), data_cfg.get("channels", 3)
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise ValueError(f"data.resolution must be a positive int, got {resolution!r}")
-    if channels not in (1, 3):
+    if channels not in (1, 3) and name != "latents":
         raise ValueError(f"data.channels must be 1 or 3, got {channels!r}")
     use_labels = bool(data_cfg.get("use_labels", False))
     source = SOURCES[name](
         data_cfg, resolution=resolution, channels=channels, use_labels=use_labels
     )
+    if name == "latents":
+        return source
     return cache_in_memory(source) if data_cfg.get("cache", False) else source

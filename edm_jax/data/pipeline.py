@@ -75,6 +75,8 @@ class _HostBatches(grain.MapDataset):
             records = [self._source[int(i)] for i in indices]
             images = np.stack([r["image"] for r in records])
             labels = np.asarray([r["label"] for r in records], np.int32)
+        if getattr(self._source, "is_latent", False):  # raw latents (mean, std): as stored
+            return {"image": images.astype(np.float32), "label": labels.astype(np.int32)}
         images = images.astype(np.float32) / np.float32(127.5) - np.float32(1)
         return {"image": images, "label": labels.astype(np.int32)}
 

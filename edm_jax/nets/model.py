@@ -85,6 +85,7 @@ class DiffusionModel:
     augment_dim: int = 0
     self_cond: bool = False
     patch_size: int = 1
+    encoder: tuple[str, str] | None = None  # latent model: (VAE preset/config.json, .npz)
 
     def init(self, rng: Array) -> dict:
         """Float32 parameters pytree, from a batch-1 dummy input."""

@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = _section(
         name="digits", resolution=8, channels=1, use_labels=False, path="", tfds_name="",
         tfds_data_dir="", split="train", cache=False, num_workers=0,
+        encoder="", encoder_weights="",  # latent diffusion: VAE preset/config.json and .npz
     )  # fmt: skip
     c.model = _section(
         arch="ddpmpp", precond="edm", dtype="float32", self_cond=False, patch_size=1,

@@ -85,6 +85,8 @@ def model_spec(config: ml_collections.ConfigDict, source) -> dict:
         "augment_dim": augment_dim() if config.train.augment_p > 0 else 0,
         "dtype": config.model.dtype, "self_cond": bool(config.model.self_cond),
         "patch_size": config.model.patch_size, "net": net,
+        "encoder": [config.data.encoder, config.data.encoder_weights]
+        if config.data.get("encoder", "") else None,
     }))  # fmt: skip
 
 

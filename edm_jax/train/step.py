@@ -141,12 +141,26 @@ def _self_cond_denoiser(model, rng: Array, remat: str, prob: float) -> Callable:
     return denoise
 
 
+_LATENT_KEY = 0x1A7E  # fold_in tag of the latent draw (the other keys stay as without it)
+
+
+def _draw_latents(rng, raw):
+    """EDM2 final latents of stored raw latents [B,h,w,2L]: (mean + std * N(0,1)) * s + b."""
+    from edm_jax.data.latents import final_latents, latent_scale_bias
+
+    scale, bias = latent_scale_bias()
+    noise = jax.random.normal(rng, (*raw.shape[:-1], raw.shape[-1] // 2), jnp.float32)
+    return final_latents(raw, noise, scale, bias)
+
+
 def make_loss_fn(model, hp: StepConfig) -> Callable:
     """loss_fn(rng, params, micro_batch) -> (loss, aux): augmentation, dropout, self-cond."""
 
     def loss_fn(rng, params, batch):
         k_aug, k_drop, k_loss = jax.random.split(rng, 3)
         batch = {"image": batch["image"], "label": batch["label"] if model.label_dim else None}
+        if getattr(model, "encoder", None):  # raw latents -> mean + std * noise, fresh each step
+            batch["image"] = _draw_latents(jax.random.fold_in(rng, _LATENT_KEY), batch["image"])
         if hp.augment_p > 0:
             batch["image"], batch["augment_labels"] = augment(k_aug, batch["image"], p=hp.augment_p)
         if model.self_cond:

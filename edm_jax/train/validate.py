@@ -5,6 +5,8 @@ Every error is a ValueError that names the config key, the bad value and the val
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from edm_jax import losses
@@ -103,8 +105,32 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     check_eval_config(config)  # eval.*: metrics, weight and reference files
 
 
+def _check_latent(config: ml_collections.ConfigDict, source) -> None:
+    """A latent dataset needs data.encoder (and the reverse); no augmentation of latents."""
+    encoder = config.data.get("encoder", "")
+    latent = bool(getattr(source, "is_latent", False))
+    if latent and not encoder:
+        raise ValueError(
+            f"data.name={config.data.name!r} holds VAE latents but config.data.encoder is empty: "
+            "set data.encoder (e.g. 'sd-vae-ft-mse') and data.encoder_weights to train a latent model"
+        )
+    if encoder and not latent:
+        raise ValueError(
+            f"config.data.encoder={encoder!r} makes a latent model, but data.name="
+            f"{config.data.name!r} is pixel data: encode it first (python -m edm_jax.data.tool "
+            "--encoder ...) and use data.name='latents', or set data.encoder=''"
+        )
+    if encoder and not config.data.get("encoder_weights", ""):
+        raise ValueError(
+            f"config.data.encoder={encoder!r} needs config.data.encoder_weights (.npz)"
+        )
+    if encoder and config.train.augment_p > 0:
+        raise ValueError("config.train.augment_p must be 0 for latent models (pixel augmentation)")
+
+
 def validate_data(config: ml_collections.ConfigDict, source) -> None:
     """The model resolution/channels match the data and the U-Net levels divide it."""
+    _check_latent(config, source)
     res, want = source.resolution, config.data.resolution
     if res != want:
         raise ValueError(f"config.data.resolution={want} but the data source is {res}x{res}")
@@ -133,7 +159,7 @@ def build_model_from_config(config: ml_collections.ConfigDict, source) -> Diffus
     """The DiffusionModel of config.model for this data source (labels, augment labels)."""
     label_dim = source.num_classes if config.data.use_labels else 0
     aug_dim = augment_dim() if config.train.augment_p > 0 else 0
-    return build_model(
+    model = build_model(
         config.model.arch,
         precond=config.model.precond,
         img_resolution=source.resolution,
@@ -146,6 +172,10 @@ def build_model_from_config(config: ml_collections.ConfigDict, source) -> Diffus
         precond_kwargs=config.model.precond_kwargs.to_dict(),
         **config.model.net.to_dict(),
     )
+    if config.data.get("encoder", ""):  # latent model: samples are decoded by this VAE
+        encoder = (config.data.encoder, config.data.encoder_weights)
+        model = dataclasses.replace(model, encoder=encoder)
+    return model
 
 
 def check_numbers_and_platform(config: ml_collections.ConfigDict, devices) -> None:
