@@ -9,7 +9,6 @@ summary dict. SIGTERM, SIGINT (Ctrl-C) or ``stop_at_step`` save a checkpoint and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,8 +31,8 @@ from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
 from edm_jax.train.reporting import Reporter, summarize_rows
-from edm_jax.train.state import init_state, lr_schedule
-from edm_jax.train.step import batch_sharding, make_mesh, make_train_step, state_sharding
+from edm_jax.train.state import lr_schedule
+from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 from edm_jax.train.validate import check_numbers_and_platform, validate_config, validate_data
 from edm_jax.train.workdir_lock import WorkdirLock
 
@@ -131,7 +130,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
 def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
     """setup() once the workdir is locked."""
     mesh = make_mesh(devices)
-    init = functools.partial(init_state, model=model, config=config)
+    trainer = Trainer.from_config(model, config)  # one optimizer for the state and the step
+    init = trainer.init
     shape = jax.eval_shape(init, jax.random.key(0))
     shardings = state_sharding(shape, mesh, config.train.fsdp, config.train.fsdp_min_size)
     ckpt = Checkpointer(
@@ -156,7 +156,7 @@ def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
         ckpt.last_saved = restored[0]
     if jax.process_index() == 0:
         _write_text_atomic(workdir / "config.json", to_json(config))
-    step_fn = make_train_step(model, config, mesh, shardings)
+    step_fn = trainer.jit_step(mesh, shardings)
     resumed = None if restored is None else restored[0]
     return Run(config, workdir, model, mesh, state, pipeline, step_fn, ckpt, resumed, spec, lock)
 
