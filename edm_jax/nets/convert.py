@@ -217,3 +217,32 @@ def load_reference(path: str | os.PathLike, **options) -> tuple[DiffusionModel, 
     config, sd = load_reference_npz(path)
     model = model_from_reference_config(config, **options)
     return model, from_state_dict(sd, model)
+
+
+def reference_config(model: DiffusionModel) -> dict:
+    """A config_json that model_from_reference_config turns back into this model (plain ones)."""
+    if model.self_cond or model.patch_size != 1:
+        raise ValueError("reference_config supports models without self_cond and patching")
+    net = model.net
+    pname = {v: k for k, v in REFERENCE_NETS.items()}.get(type(net).__name__)
+    if pname is None:
+        pname = {v: k for k, v in PRECOND_NAMES.items() if k != "Precond"}[
+            next(n for n, c in PRECONDS.items() if isinstance(model.precond, c))
+        ]
+    skip = {"img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "dtype"}
+    fields = {
+        f.name: getattr(net, f.name)
+        for f in dataclasses.fields(net)
+        if f.name not in skip | {"parent", "name"}
+    }
+    precond = {f.name: getattr(model.precond, f.name) for f in dataclasses.fields(model.precond)}
+    return {
+        "precond": pname,
+        "model_type": type(net).__name__,
+        "img_resolution": model.img_resolution,
+        "img_channels": model.img_channels,
+        "label_dim": model.label_dim,
+        "augment_dim": model.augment_dim,
+        **{k: v for k, v in precond.items() if k in PRECOND_FIELDS},
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+    }

@@ -1,0 +1,145 @@
+"""EDM2 learning rate, power-function EMA maths and post-hoc EMA vs edm2_schedules.json."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import edm_jax
+from edm_jax.nets.presets import build_model
+from edm_jax.train import phema
+from edm_jax.train.edm2 import edm2_lr_schedule, learning_rate_schedule
+
+
+@pytest.fixture(scope="module")
+def ref(fixtures_dir) -> dict:
+    return json.loads((fixtures_dir / "edm2_schedules.json").read_text())
+
+
+def test_learning_rate_schedule(ref):
+    for name, s in ref["learning_rate_schedule"]["settings"].items():
+        got = learning_rate_schedule(np.asarray(s["cur_nimg"], np.float64), **s["kwargs"])
+        np.testing.assert_allclose(got, s["lr"], rtol=1e-12, atol=0, err_msg=name)
+
+
+def test_lr_schedule_as_optax_schedule_of_the_step_count(x64):
+    k = dict(ref_lr=0.012, ref_batches=35000, rampup_Mimg=10)
+    sched = edm2_lr_schedule(2048, **k)
+    for step in (0, 1, 4882, 40000):
+        want = learning_rate_schedule(step * 2048.0, 2048, **k)
+        assert float(sched(jnp.asarray(step))) == pytest.approx(want, rel=1e-12)
+
+
+def test_std_exp_conversions(ref):
+    np.testing.assert_allclose(
+        [phema.std_to_exp(s) for s in ref["std_to_exp"]["std"]],
+        ref["std_to_exp"]["exp"],
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        [phema.exp_to_std(e) for e in ref["exp_to_std"]["exp"]],
+        ref["exp_to_std"]["std"],
+        rtol=1e-12,
+    )
+
+
+def test_power_function_beta(ref):
+    for c in ref["power_function_beta"]["cases"]:
+        got = phema.power_function_beta(c["std"], c["t_next"], c["t_delta"])
+        assert got == pytest.approx(c["beta"], rel=1e-12, abs=1e-300), c
+
+
+def test_power_function_correlation_and_response(ref):
+    for c in ref["power_function_correlation"]["cases"]:
+        got = phema.power_function_correlation(c["a_ofs"], c["a_std"], c["b_ofs"], c["b_std"])
+        assert float(got) == pytest.approx(c["value"], rel=1e-12), c
+    r = ref["power_function_response"]
+    got = phema.power_function_response(r["ofs"], r["std"], r["len"], axis=r["axis"])
+    np.testing.assert_allclose(got, r["value"], rtol=1e-12, atol=1e-300)
+
+
+def test_solve_posthoc_coefficients(ref):
+    s = ref["solve_posthoc_coefficients"]
+    X = phema.solve_posthoc_coefficients(s["in_ofs"], s["in_std"], s["out_ofs"], s["out_std"])
+    np.testing.assert_allclose(X, s["X"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(X.sum(axis=0), 1.0, rtol=1e-12)
+
+
+def _fixture_snapshots(r) -> tuple[list, dict]:
+    snaps, data = [], {}
+    for s in r["snapshots"]:
+        snap = phema.Snapshot(s["file"], s["nimg"], s["std"])
+        arrays = {k: np.asarray(v, np.float16) for k, v in s["params_float16"].items()}
+        arrays["step"] = np.asarray(s["step_buffer"], np.float32)
+        snaps.append(snap)
+        data[s["file"]] = arrays
+    return snaps, data
+
+
+def test_posthoc_reconstruction_matches_reference(ref):
+    r = ref["posthoc_reconstruction"]
+    snaps, data = _fixture_snapshots(r)
+    inputs, out_nimg, stds = phema.check_targets(snaps, r["out_std"], None)
+    assert [s.nimg for s in inputs] == r["in_nimg"] and [s.std for s in inputs] == r["in_std"]
+    assert out_nimg == r["out_nimg"] and stds == r["out_std"]
+
+    def load(s):
+        return data[s.path], {"step"}
+
+    coefs, outs = phema.reconstruct_params(inputs, out_nimg, stds, load)
+    np.testing.assert_allclose(coefs, r["coefs"], rtol=0, atol=1e-10)
+    coefs64, outs64 = phema.reconstruct_params(
+        inputs, out_nimg, stds, load, acc_dtype=np.float64, cast_back=False
+    )
+    for std, out, out64 in zip(stds, outs, outs64, strict=True):
+        want = r["reconstructed"][f"{std:.3f}"]
+        assert float(out["step"]) == want["step_buffer"]
+        for k, v in want["params_float16"].items():
+            assert out[k].dtype == np.float16
+            np.testing.assert_array_equal(out[k], np.asarray(v, np.float16), err_msg=k)
+            w64 = np.asarray(r["reconstructed_float64"][f"{std:.3f}"][k])
+            np.testing.assert_allclose(out64[k], w64, rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_bad_reconstruction_input_is_refused_before_compute(tmp_path):
+    snaps = [phema.Snapshot("a", 4096, 0.05), phema.Snapshot("b", 4096, 0.10)]
+    with pytest.raises(ValueError, match="no power-EMA snapshots"):
+        phema.check_targets([], [0.1], None)
+    with pytest.raises(ValueError, match=r"target std \[0\.3\] outside"):
+        phema.check_targets(snaps, [0.1, 0.3], None)
+    with pytest.raises(ValueError, match="out_nimg 100 is not a snapshot time; valid: \\[4096\\]"):
+        phema.check_targets(snaps, [0.1], 100)
+    with pytest.raises(ValueError, match="no snapshot with 0 < nimg"):
+        phema.check_targets([phema.Snapshot("z", 0, 0.05)], [0.1], None)
+    with pytest.raises(FileNotFoundError, match="no snapshot folder"):
+        phema.main(["--workdir", str(tmp_path), "--std", "0.1"])
+
+
+def test_snapshots_to_loadable_reconstructions(tmp_path):
+    """Training-style snapshots of a tiny EDM2 net -> two stds -> two different loadable models."""
+    model = build_model(
+        "edm2", img_resolution=8, img_channels=1, label_dim=3, model_channels=8,
+        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
+    )  # fmt: skip
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    gen = np.random.default_rng(0)
+    p0 = jax.tree.map(lambda s: gen.standard_normal(s.shape).astype(np.float32), shapes)
+    for i, nimg in enumerate((1024, 2048, 3072, 4096)):
+        params = jax.tree.map(lambda a, i=i: a + np.float32(0.1 * i) * np.sign(a), p0)
+        for std in (0.05, 0.10):
+            phema.save_snapshot(tmp_path, nimg, std, params, model, dtype="float32")
+    paths = phema.main(["--workdir", str(tmp_path), "--std", "0.15", "0.08"])
+    assert [p.name for p in paths] == [
+        "phema-000000004096-0.080.npz",
+        "phema-000000004096-0.150.npz",
+    ]
+    (m1, a, _), (_, b, _) = (edm_jax.load(str(p)) for p in paths)
+    assert m1.net.model_channels == 8 and m1.label_dim == 3
+    w = ("unet", "out_conv", "weight")
+    wa, wb = a[w[0]][w[1]][w[2]], b[w[0]][w[1]][w[2]]
+    assert not np.allclose(wa, wb)
+    freqs = p0["unet"]["emb_fourier"]["freqs"]  # a buffer: copied from the last snapshot
+    last = freqs + np.float32(0.3) * np.sign(freqs)
+    np.testing.assert_array_equal(a["unet"]["emb_fourier"]["freqs"], last)
