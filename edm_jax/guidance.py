@@ -22,7 +22,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Denoiser = Callable[..., Array]
 
-__all__ = ["autoguidance", "cfg", "gradient_guidance"]
+__all__ = ["autoguidance", "cfg", "cfg_guide", "check_guide", "gradient_guidance"]
 
 
 def _sigma_b(sigma, x: Array) -> Array:
@@ -47,6 +47,7 @@ def cfg(
     uncond_labels: Array | None = None,
     *,
     batched: bool = True,
+    interval: tuple[float, float] | None = None,
 ) -> Denoiser:
     """Classifier-free guidance: D = D(x; sigma, uncond) + scale (D(x; sigma, labels) - D_uncond).
 
@@ -54,9 +55,11 @@ def cfg(
     doubled: the first half with ``labels`` [B, ...], the second with ``uncond_labels``
     (default zeros: the null label of NVlabs/edm, where a zero one-hot == ``labels=None``).
     ``batched=False`` makes two calls, the unconditional one with ``labels=None`` (for
-    models with a learned null embedding).
+    models with a learned null embedding). ``interval`` = (sigma_lo, sigma_hi): guide only
+    there (Kynkaanniemi et al. 2024), D = D_cond elsewhere.
     """
     _check_scale(scale)
+    lo, hi = _check_interval(interval)
     labels = jnp.asarray(labels)
     null = jnp.zeros_like(labels) if uncond_labels is None else jnp.asarray(uncond_labels)
     if null.shape != labels.shape:
@@ -70,25 +73,83 @@ def cfg(
             D_cond, D_uncond = jnp.split(D, 2, axis=0)
         else:
             D_cond, D_uncond = denoise(x, sigma, labels=labels), denoise(x, sigma, labels=None)
-        return D_uncond + scale * (D_cond - D_uncond)
+        on = _expand((sigma >= lo) & (sigma <= hi), x.ndim)  # guidance interval
+        return jnp.where(on, D_uncond + scale * (D_cond - D_uncond), D_cond)
 
     return guided
 
 
-def autoguidance(denoise_main: Denoiser, denoise_guide: Denoiser, scale) -> Denoiser:
-    """Autoguidance (EDM2, eq. 2): D = D_guide + scale (D_main - D_guide).
+def autoguidance(
+    denoise_main: Denoiser,
+    denoise_guide: Denoiser,
+    scale,
+    *,
+    interval: tuple[float, float] | None = None,
+) -> Denoiser:
+    """Autoguidance (EDM2, eq. 2): D = D_guide + scale (D_main - D_guide) = gnet.lerp(net, scale).
 
     ``denoise_guide`` is a weaker model (smaller, or trained for less), e.g.
-    ``functools.partial(model.denoise, weak_params)``; both are ``denoise(x, sigma)``.
+    ``functools.partial(model.denoise, weak_params)``; both are ``denoise(x, sigma)``. With an
+    unconditional guide network this is EDM2's classifier-free guidance (``cfg_guide``). The
+    guide is not evaluated at scale 1 (nor outside ``interval`` = (sigma_lo, sigma_hi), the
+    guidance interval of Kynkaanniemi et al. 2024, where D = D_main).
     """
     _check_scale(scale)
+    lo, hi = _check_interval(interval)
+    if isinstance(scale, (int, float)) and scale == 1:
+        return denoise_main
 
     def guided(x: Array, sigma) -> Array:
         D_main = denoise_main(x, sigma)
-        D_guide = denoise_guide(x, sigma)
-        return D_guide + scale * (D_main - D_guide)
+        s_b = _sigma_b(sigma, x)
+        on = (s_b >= lo) & (s_b <= hi) & (jnp.asarray(scale) != 1)  # [B]
+        D_guide = jax.lax.cond(
+            jnp.any(on), lambda: denoise_guide(x, sigma).astype(D_main.dtype), lambda: D_main
+        )
+        return jnp.where(_expand(on, x.ndim), _lerp(D_guide, D_main, scale), D_main)
 
     return guided
+
+
+def _lerp(start: Array, end: Array, w) -> Array:
+    """torch.lerp(start, end, w): start + w (end - start), from the nearer end as torch does."""
+    w = jnp.asarray(w, start.dtype)
+    diff = end - start
+    return jnp.where(w < 0.5, start + w * diff, end - diff * (1 - w))
+
+
+def cfg_guide(
+    denoise_cond: Denoiser, denoise_uncond: Denoiser, scale, *, interval=None
+) -> Denoiser:
+    """EDM2's classifier-free guidance with a separate unconditional network (its -guid- presets)."""
+    return autoguidance(denoise_cond, denoise_uncond, scale, interval=interval)
+
+
+def _check_interval(interval) -> tuple[float, float]:
+    """(lo, hi) of a guidance interval; None = every sigma."""
+    if interval is None:
+        return 0.0, math.inf
+    lo, hi = (float(v) for v in interval)
+    if not 0 <= lo <= hi:
+        raise ValueError(
+            f"guidance interval must be (sigma_lo, sigma_hi) with 0 <= lo <= hi; got {interval}"
+        )
+    return lo, hi
+
+
+def check_guide(main, guide, *, conditional_guide: bool = True) -> None:
+    """Raise ValueError unless the guide model fits the main one (geometry, labels)."""
+    for what in ("img_resolution", "img_channels"):
+        a, b = getattr(main, what), getattr(guide, what)
+        if a != b:
+            raise ValueError(f"guide {what} {b} != main model's {a}")
+    if conditional_guide and guide.label_dim != main.label_dim:
+        raise ValueError(
+            f"guide label_dim {guide.label_dim} != main model's {main.label_dim} (an "
+            "unconditional guide, label_dim 0, is classifier-free guidance)"
+        )
+    if not conditional_guide and guide.label_dim != 0:
+        raise ValueError(f"an unconditional guide must have label_dim 0; got {guide.label_dim}")
 
 
 def gradient_guidance(
