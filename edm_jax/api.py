@@ -429,7 +429,11 @@ def _model_from_config(config, step_dir) -> Any:
         import orbax.checkpoint as ocp
 
         tree = ocp.StandardCheckpointer().metadata(os.fspath(step_dir / "state")).item_metadata
-        label_dim = int(tree.tree["ema"]["map_label"]["kernel"].shape[0])
+        ema = tree.tree["ema"]
+        if "unet" in ema:  # EDM2: emb_label weight [emb, label_dim] (torch layout)
+            label_dim = int(ema["unet"]["emb_label"]["weight"].shape[1])
+        else:
+            label_dim = int(ema["map_label"]["kernel"].shape[0])
     resolution = config.model.get("img_resolution", 0) or config.data.resolution
     source = types.SimpleNamespace(
         num_classes=label_dim, resolution=resolution, channels=config.data.channels

@@ -13,6 +13,7 @@ conditional / main model, scale 0 the unconditional / guiding one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Denoiser = Callable[..., Array]
 
-__all__ = ["autoguidance", "cfg", "cfg_guide", "check_guide", "gradient_guidance"]
+__all__ = ["GuidedModel", "autoguidance", "cfg", "cfg_guide", "check_guide", "gradient_guidance"]
 
 
 def _sigma_b(sigma, x: Array) -> Array:
@@ -186,3 +187,41 @@ def gradient_guidance(
         return D + scale * _expand(sigma, x.ndim) ** 2 * grad
 
     return guided
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedModel:
+    """A model whose denoiser is guided by a second model: pass ``(params, guide_params)``.
+
+    ``edm_jax.sample(rng, (params, guide_params), GuidedModel(main, guide, 2.0), ...)``
+    samples with autoguidance (a conditional guide) or EDM2's classifier-free guidance (an
+    unconditional guide, label_dim 0); ``interval`` limits guidance to sigma in [lo, hi].
+    """
+
+    main: object
+    guide: object
+    scale: float
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        check_guide(self.main, self.guide, conditional_guide=self.guide.label_dim != 0)
+        _check_scale(self.scale)
+        _check_interval(self.interval)
+
+    def __getattr__(self, name):  # geometry, labels, precond of the main model
+        if name.startswith("__") or name in ("main", "guide", "scale", "interval"):
+            raise AttributeError(name)
+        return getattr(self.main, name)
+
+    def denoise(self, params, x, sigma, labels=None, **kw) -> Array:
+        """D_guide + scale (D_main - D_guide), labels given to a conditional guide only."""
+        p_main, p_guide = params
+        glabels = labels if self.guide.label_dim else None
+
+        def main(x_, s):
+            return self.main.denoise(p_main, x_, s, labels=labels, **kw)
+
+        def guide(x_, s):
+            return self.guide.denoise(p_guide, x_, s, labels=glabels, **kw)
+
+        return autoguidance(main, guide, self.scale, interval=self.interval)(x, sigma)

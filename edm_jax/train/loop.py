@@ -26,7 +26,7 @@ from edm_jax.train import grid, phema
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
 from edm_jax.train.reporting import Reporter, summarize_rows
-from edm_jax.train.state import init_state, lr_schedule
+from edm_jax.train.state import init_state, optim_schedule
 from edm_jax.train.step import batch_sharding, make_mesh, make_train_step, state_sharding
 from edm_jax.train.validate import build_model_from_config, validate_config, validate_data
 
@@ -157,8 +157,7 @@ def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
         return
     rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
     cfg = run.config
-    lr = float(lr_schedule(cfg.optim.lr, cfg.optim.lr_rampup_kimg, cfg.train.batch_size)(
-        np.asarray(step - 1)))  # fmt: skip
+    lr = float(optim_schedule(cfg.optim, cfg.train.batch_size)(np.asarray(step - 1)))
     reporter.log(step, summarize_rows(rows), lr)
     pending.clear()
 

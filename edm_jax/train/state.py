@@ -31,6 +31,7 @@ __all__ = [
     "init_state",
     "lr_schedule",
     "make_optimizer",
+    "optim_schedule",
     "power_ema_beta",
     "std_to_exp",
 ]
@@ -59,9 +60,23 @@ def lr_schedule(lr: float, rampup_kimg: float, batch_size: int) -> Callable[[Arr
     return schedule
 
 
+def optim_schedule(optim: ml_collections.ConfigDict, batch_size: int) -> Callable[[Array], Array]:
+    """count -> lr: EDM's ramp-up, or EDM2's inverse-sqrt decay (optim.schedule = 'edm2')."""
+    name = optim.get("schedule", "edm")
+    if name not in ("edm", "edm2"):
+        raise ValueError(f"config.optim.schedule={name!r} is not valid; valid: ['edm', 'edm2']")
+    if name == "edm2":
+        from edm_jax.train.edm2 import edm2_lr_schedule
+
+        return edm2_lr_schedule(
+            batch_size, optim.lr, optim.ref_batches, optim.lr_rampup_kimg / 1000.0
+        )
+    return lr_schedule(optim.lr, optim.lr_rampup_kimg, batch_size)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, batch_size: int, params: Any):
     """Adam (EDM: betas 0.9/0.999, eps 1e-8) with the lr ramp-up, optional clipping, buffers frozen."""
-    schedule = lr_schedule(optim.lr, optim.lr_rampup_kimg, batch_size)
+    schedule = optim_schedule(optim, batch_size)
     chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
     chain += [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)]
     chain += [optax.scale_by_learning_rate(schedule)]

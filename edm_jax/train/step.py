@@ -8,6 +8,7 @@ accumulated over micro-batches with lax.scan, averaged, made finite as EDM does
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax.data.augment import augment
 from edm_jax.losses import make_loss
+from edm_jax.nets.edm2_unet import EDM2UNet, edm2_logvar, forced_normalize
 from edm_jax.train.state import (
     TrainState,
     edm_ema_beta,
@@ -113,6 +115,8 @@ def _self_cond_denoiser(model, rng: Array, remat: str, prob: float) -> Callable:
 def make_loss_fn(model, config: ml_collections.ConfigDict) -> Callable:
     """loss_fn(rng, params, micro_batch) -> (loss, aux): augmentation, dropout, self-cond."""
     kwargs = config.loss.kwargs.to_dict()
+    if config.loss.name == "edm2":  # EDM2's learned uncertainty u(sigma) from the logvar head
+        kwargs["logvar"] = functools.partial(edm2_logvar, model)
 
     def loss_fn(rng, params, batch):
         k_aug, k_drop, k_loss = jax.random.split(rng, 3)
@@ -170,11 +174,14 @@ def train_step_fn(model, config: ml_collections.ConfigDict, mesh: Mesh) -> Calla
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = _accumulate_grads(loss_fn, state.params, batch, rng, accum, mesh)
+        params = state.params
+        if isinstance(model.net, EDM2UNet):  # EDM2 forced weight normalisation (eq. 66)
+            params = forced_normalize(params)
+        loss, grads = _accumulate_grads(loss_fn, params, batch, rng, accum, mesh)
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
         tx = make_optimizer(config.optim, batch_size, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        params = jax.tree.map(jnp.add, params, updates)
         ema, power, beta = _update_emas(state, params, config, batch_size)
         new = state.replace(
             step=state.step + 1, params=params, ema=ema, power_ema=power, opt_state=opt_state
