@@ -143,3 +143,40 @@ def test_snapshots_to_loadable_reconstructions(tmp_path):
     freqs = p0["unet"]["emb_fourier"]["freqs"]  # a buffer: copied from the last snapshot
     last = freqs + np.float32(0.3) * np.sign(freqs)
     np.testing.assert_array_equal(a["unet"]["emb_fourier"]["freqs"], last)
+
+
+@pytest.mark.parametrize(
+    "path, arg", [("configs/edm2_digits.py", None), ("configs/edm2_img64.py", "s"),
+                  ("configs/edm2_img64.py", "xl"), ("configs/edm2_img512.py", "xxl")],
+)  # fmt: skip
+def test_edm2_configs_validate_and_use_the_edm2_schedule(path, arg):
+    import importlib.util
+
+    from edm_jax.train.state import optim_schedule
+    from edm_jax.train.validate import validate_config
+
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    validate_config(c, num_devices=8)
+    assert c.loss.name == "edm2" and c.optim.schedule == "edm2" and c.optim.b2 == 0.99
+    sched = optim_schedule(c.optim, c.train.batch_size)
+    k = dict(
+        ref_lr=c.optim.lr,
+        ref_batches=c.optim.ref_batches,
+        rampup_Mimg=c.optim.lr_rampup_kimg / 1000,
+    )
+    for step in (1, 10**5):
+        want = learning_rate_schedule(step * c.train.batch_size, c.train.batch_size, **k)
+        assert float(sched(jnp.asarray(step))) == pytest.approx(want, rel=1e-6)
+
+
+def test_edm2_config_rejects_unknown_size():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg", "configs/edm2_img64.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(ValueError, match="unknown EDM2 img64 size 'xxl'; valid: "):
+        mod.get_config("xxl")
