@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edm_jax
-from edm_jax.nets.presets import build_model
+from edm_jax.nets.presets import EDM2_TRAINING, build_model
 from edm_jax.train import phema
 from edm_jax.train.edm2 import edm2_lr_schedule, learning_rate_schedule
 
@@ -180,3 +180,20 @@ def test_edm2_config_rejects_unknown_size():
     spec.loader.exec_module(mod)
     with pytest.raises(ValueError, match="unknown EDM2 img64 size 'xxl'; valid: "):
         mod.get_config("xxl")
+
+
+def test_released_generate_presets_name_known_architectures():
+    from edm_jax.nets.edm2_released import GENERATE_PRESETS, generate_preset
+
+    p = generate_preset("edm2-img64-s-autog-fid")
+    assert p["guidance"] == 1.70 and p["net"]["preset"] == "edm2-img64-s"
+    assert p["gnet"] == {
+        "preset": "edm2-img64-xs", "label_dim": 1000, "kimg": 134217, "std": 0.110,
+        "url": "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img64-xs-0134217-0.110.pkl",
+    }  # fmt: skip
+    assert generate_preset("edm2-img512-s-guid-fid")["gnet"]["label_dim"] == 0
+    for name in GENERATE_PRESETS:
+        p = generate_preset(name)
+        assert all(p[k]["preset"] in EDM2_TRAINING for k in ("net", "gnet") if k in p), name
+    with pytest.raises(ValueError, match="unknown EDM2 generate preset 'x'"):
+        generate_preset("x")
