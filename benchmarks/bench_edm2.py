@@ -67,8 +67,8 @@ def bench_train(model, t, batch: int, iters: int) -> dict:
     step = make_train_step(model, tx, t)
     shape = (batch, model.img_resolution, model.img_resolution, model.img_channels)
     images = jax.random.normal(jax.random.key(1), shape) * 0.5
-    labels = jax.random.randint(jax.random.key(2), (batch,), 0, max(model.label_dim, 1))
-    labels = labels if model.label_dim else None
+    cls = jax.random.randint(jax.random.key(2), (batch,), 0, max(model.label_dim, 1))
+    labels = cls if model.label_dim else None
     t0 = time.perf_counter()
     params, opt_state, loss = step(params, opt_state, images, labels, jax.random.key(3))
     loss.block_until_ready()

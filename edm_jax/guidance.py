@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -198,8 +199,8 @@ class GuidedModel:
     unconditional guide, label_dim 0); ``interval`` limits guidance to sigma in [lo, hi].
     """
 
-    main: object
-    guide: object
+    main: Any
+    guide: Any
     scale: float
     interval: tuple[float, float] | None = None
 

@@ -403,4 +403,4 @@ def edm2_logvar(model, params: Any, sigma: Array) -> Array:
     if not isinstance(model.net, EDM2UNet):
         raise ValueError(f"logvar needs an EDM2 model; got {type(model.net).__name__}")
     c_noise = jnp.log(jnp.asarray(sigma, jnp.float32).reshape(-1)) / 4
-    return model.net.apply({"params": params}, c_noise, method="logvar")
+    return model.net.apply({"params": params}, c_noise, method="logvar")  # type: ignore[return-value]

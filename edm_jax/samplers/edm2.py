@@ -95,8 +95,8 @@ def sample_edm2(
         return (jnp.where(euler, x_euler, x_heun), x_hat, t_hat, d_cur), None
 
     carry = (x, x, sigmas[0], jnp.zeros_like(x))
-    (x, *_), _ = jax.lax.scan(evaluation, carry, jnp.arange(2 * n - 1))
-    return x
+    out, _ = jax.lax.scan(evaluation, carry, jnp.arange(2 * n - 1))  # type: ignore[arg-type]
+    return out[0]
 
 
 def _default_noise(rng: Array, x: Array) -> Callable[[Array, Array], Array]:
