@@ -22,7 +22,7 @@ import numpy as np
 
 from edm_jax.data.load import load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
-from edm_jax.train import grid, phema
+from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
 from edm_jax.train.reporting import Reporter, summarize_rows
@@ -151,6 +151,13 @@ def _make_sampler(run: Run):
     return grid.make_grid_sampler(run.model, n=n, steps=run.config.log.sample_steps)
 
 
+def _phema_snapshots(run: Run, step: int) -> None:
+    """EDM2 post-hoc EMA: write the power EMAs at each ema.snapshot_every_kimg boundary."""
+    from edm_jax.train import phema  # here: keeps `python -m edm_jax.train.phema` clean
+
+    phema.maybe_save_snapshots(run.workdir, run.model, run.state, run.config, step)
+
+
 def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
     """Average the pending per-step metrics, log them (raises on a non-finite loss)."""
     if not pending:
@@ -181,7 +188,7 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
             _log(run, reporter, pending, step)
         if step % cfg.log.checkpoint_every_steps == 0:
             _save(run, step)
-        phema.maybe_save_snapshots(run.workdir, run.model, run.state, cfg, step)  # EDM2
+        _phema_snapshots(run, step)
         if path := _maybe_grid(run, sampler, step, step - 1):
             info["grid"], grid_step = path, step
     _log(run, reporter, pending, step)
