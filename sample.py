@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--outdir", default="samples", help="where to write PNGs, grid.png and samples.npz"
     )
+    p.add_argument("--guide", help="guide model (workdir, checkpoint or .npz): autoguidance, "
+                   "or EDM2 classifier-free guidance if it is unconditional")  # fmt: skip
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance scale with --guide")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only for sigma in [LO, HI] (Kynkaanniemi et al. 2024)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--list-samplers", action="store_true", help="print the sampler names and exit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
@@ -141,6 +146,12 @@ def _main(args: argparse.Namespace) -> int:
     check_numbers(args)
     api.check_sample_args(sampler=args.sampler, num_steps=args.steps, batch_size=args.batch)
     model, params, _ = api.load(args.workdir or args.checkpoint or args.reference_npz)
+    if args.guide:  # autoguidance / EDM2 CFG: checked against the main model before compute
+        from edm_jax.guidance import GuidedModel
+
+        guide, guide_params, _ = api.load(args.guide)
+        model = GuidedModel(model, guide, args.guidance, args.guidance_interval)
+        params = (params, guide_params)
     import jax
 
     rng = jax.random.key(0)

@@ -13,8 +13,10 @@ conditional / main model, scale 0 the unconditional / guiding one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Denoiser = Callable[..., Array]
 
-__all__ = ["autoguidance", "cfg", "gradient_guidance"]
+__all__ = ["GuidedModel", "autoguidance", "cfg", "cfg_guide", "check_guide", "gradient_guidance"]
 
 
 def _sigma_b(sigma, x: Array) -> Array:
@@ -47,6 +49,7 @@ def cfg(
     uncond_labels: Array | None = None,
     *,
     batched: bool = True,
+    interval: tuple[float, float] | None = None,
 ) -> Denoiser:
     """Classifier-free guidance: D = D(x; sigma, uncond) + scale (D(x; sigma, labels) - D_uncond).
 
@@ -54,9 +57,11 @@ def cfg(
     doubled: the first half with ``labels`` [B, ...], the second with ``uncond_labels``
     (default zeros: the null label of NVlabs/edm, where a zero one-hot == ``labels=None``).
     ``batched=False`` makes two calls, the unconditional one with ``labels=None`` (for
-    models with a learned null embedding).
+    models with a learned null embedding). ``interval`` = (sigma_lo, sigma_hi): guide only
+    there (Kynkaanniemi et al. 2024), D = D_cond elsewhere.
     """
     _check_scale(scale)
+    lo, hi = _check_interval(interval)
     labels = jnp.asarray(labels)
     null = jnp.zeros_like(labels) if uncond_labels is None else jnp.asarray(uncond_labels)
     if null.shape != labels.shape:
@@ -70,25 +75,83 @@ def cfg(
             D_cond, D_uncond = jnp.split(D, 2, axis=0)
         else:
             D_cond, D_uncond = denoise(x, sigma, labels=labels), denoise(x, sigma, labels=None)
-        return D_uncond + scale * (D_cond - D_uncond)
+        on = _expand((sigma >= lo) & (sigma <= hi), x.ndim)  # guidance interval
+        return jnp.where(on, D_uncond + scale * (D_cond - D_uncond), D_cond)
 
     return guided
 
 
-def autoguidance(denoise_main: Denoiser, denoise_guide: Denoiser, scale) -> Denoiser:
-    """Autoguidance (EDM2, eq. 2): D = D_guide + scale (D_main - D_guide).
+def autoguidance(
+    denoise_main: Denoiser,
+    denoise_guide: Denoiser,
+    scale,
+    *,
+    interval: tuple[float, float] | None = None,
+) -> Denoiser:
+    """Autoguidance (EDM2, eq. 2): D = D_guide + scale (D_main - D_guide) = gnet.lerp(net, scale).
 
     ``denoise_guide`` is a weaker model (smaller, or trained for less), e.g.
-    ``functools.partial(model.denoise, weak_params)``; both are ``denoise(x, sigma)``.
+    ``functools.partial(model.denoise, weak_params)``; both are ``denoise(x, sigma)``. With an
+    unconditional guide network this is EDM2's classifier-free guidance (``cfg_guide``). The
+    guide is not evaluated at scale 1 (nor outside ``interval`` = (sigma_lo, sigma_hi), the
+    guidance interval of Kynkaanniemi et al. 2024, where D = D_main).
     """
     _check_scale(scale)
+    lo, hi = _check_interval(interval)
+    if isinstance(scale, (int, float)) and scale == 1:
+        return denoise_main
 
     def guided(x: Array, sigma) -> Array:
         D_main = denoise_main(x, sigma)
-        D_guide = denoise_guide(x, sigma)
-        return D_guide + scale * (D_main - D_guide)
+        s_b = _sigma_b(sigma, x)
+        on = (s_b >= lo) & (s_b <= hi) & (jnp.asarray(scale) != 1)  # [B]
+        D_guide = jax.lax.cond(
+            jnp.any(on), lambda: denoise_guide(x, sigma).astype(D_main.dtype), lambda: D_main
+        )
+        return jnp.where(_expand(on, x.ndim), _lerp(D_guide, D_main, scale), D_main)
 
     return guided
+
+
+def _lerp(start: Array, end: Array, w) -> Array:
+    """torch.lerp(start, end, w): start + w (end - start), from the nearer end as torch does."""
+    w = jnp.asarray(w, start.dtype)
+    diff = end - start
+    return jnp.where(w < 0.5, start + w * diff, end - diff * (1 - w))
+
+
+def cfg_guide(
+    denoise_cond: Denoiser, denoise_uncond: Denoiser, scale, *, interval=None
+) -> Denoiser:
+    """EDM2's classifier-free guidance with a separate unconditional network (its -guid- presets)."""
+    return autoguidance(denoise_cond, denoise_uncond, scale, interval=interval)
+
+
+def _check_interval(interval) -> tuple[float, float]:
+    """(lo, hi) of a guidance interval; None = every sigma."""
+    if interval is None:
+        return 0.0, math.inf
+    lo, hi = (float(v) for v in interval)
+    if not 0 <= lo <= hi:
+        raise ValueError(
+            f"guidance interval must be (sigma_lo, sigma_hi) with 0 <= lo <= hi; got {interval}"
+        )
+    return lo, hi
+
+
+def check_guide(main, guide, *, conditional_guide: bool = True) -> None:
+    """Raise ValueError unless the guide model fits the main one (geometry, labels)."""
+    for what in ("img_resolution", "img_channels"):
+        a, b = getattr(main, what), getattr(guide, what)
+        if a != b:
+            raise ValueError(f"guide {what} {b} != main model's {a}")
+    if conditional_guide and guide.label_dim != main.label_dim:
+        raise ValueError(
+            f"guide label_dim {guide.label_dim} != main model's {main.label_dim} (an "
+            "unconditional guide, label_dim 0, is classifier-free guidance)"
+        )
+    if not conditional_guide and guide.label_dim != 0:
+        raise ValueError(f"an unconditional guide must have label_dim 0; got {guide.label_dim}")
 
 
 def gradient_guidance(
@@ -125,3 +188,41 @@ def gradient_guidance(
         return D + scale * _expand(sigma, x.ndim) ** 2 * grad
 
     return guided
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedModel:
+    """A model whose denoiser is guided by a second model: pass ``(params, guide_params)``.
+
+    ``edm_jax.sample(rng, (params, guide_params), GuidedModel(main, guide, 2.0), ...)``
+    samples with autoguidance (a conditional guide) or EDM2's classifier-free guidance (an
+    unconditional guide, label_dim 0); ``interval`` limits guidance to sigma in [lo, hi].
+    """
+
+    main: Any
+    guide: Any
+    scale: float
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        check_guide(self.main, self.guide, conditional_guide=self.guide.label_dim != 0)
+        _check_scale(self.scale)
+        _check_interval(self.interval)
+
+    def __getattr__(self, name):  # geometry, labels, precond of the main model
+        if name.startswith("__") or name in ("main", "guide", "scale", "interval"):
+            raise AttributeError(name)
+        return getattr(self.main, name)
+
+    def denoise(self, params, x, sigma, labels=None, **kw) -> Array:
+        """D_guide + scale (D_main - D_guide), labels given to a conditional guide only."""
+        p_main, p_guide = params
+        glabels = labels if self.guide.label_dim else None
+
+        def main(x_, s):
+            return self.main.denoise(p_main, x_, s, labels=labels, **kw)
+
+        def guide(x_, s):
+            return self.guide.denoise(p_guide, x_, s, labels=glabels, **kw)
+
+        return autoguidance(main, guide, self.scale, interval=self.interval)(x, sigma)

@@ -204,12 +204,6 @@ def ve_loss(
     return diffusion_loss(rng, params, batch, denoise=denoise, spec=spec)
 
 
-LOSSES: dict[str, Callable[..., tuple[Array, dict]]] = {
-    "edm": edm_loss,
-    "vp": vp_loss,
-    "ve": ve_loss,
-}
-
 # Each preset's density and weighting; its options are the density's (their defaults too).
 PRESETS: dict[str, tuple[str, str]] = {
     "edm": ("lognormal", "karras"),
@@ -274,6 +268,82 @@ def make_loss(
     weighting: Weighting | None = None,
     **options: Any,
 ) -> Callable[..., tuple[Array, dict]]:
-    """``loss_fn(rng, params, batch)`` for preset `name` (density / weighting replaceable)."""
+    """``loss_fn(rng, params, batch)`` for preset `name` (density / weighting replaceable).
+
+    ``name='edm2'`` is EDM2Loss (``edm2_loss``): its options are ``logvar`` (required), P_mean,
+    P_std, sigma_data and the recorded draws.
+    """
+    if name == "edm2":
+        check_edm2_options(options, density=density, weighting=weighting)
+        return functools.partial(edm2_loss, denoise=denoise, **options)
     spec = resolve_loss(name, density=density, weighting=weighting, **options)
     return functools.partial(diffusion_loss, denoise=denoise, spec=spec)
+
+
+EDM2_OPTIONS = ("P_mean", "P_std", "sigma_data", "logvar", "rnd_normal", "noise")
+
+
+def check_edm2_options(options: Mapping[str, Any], density=None, weighting=None) -> None:
+    """EDM2Loss takes no density or weighting (its own lognormal and lambda), and EDM2_OPTIONS."""
+    if density or weighting:
+        raise ValueError(
+            f"loss 'edm2' has its own lognormal density and weighting; got density={density!r}, "
+            f"weighting={weighting!r} (use loss.name='edm' with loss.kwargs.uncertainty=True)"
+        )
+    unknown = sorted(set(options) - set(EDM2_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for loss 'edm2'; valid: {list(EDM2_OPTIONS)}")
+
+
+# --- EDM2 (Karras et al. 2024, eq. 21): learned uncertainty weighting ------------------------
+
+
+def edm2_loss(
+    rng: Array,
+    params: Any,
+    batch: dict,
+    *,
+    denoise: Callable,
+    logvar: Callable,
+    P_mean: float = -0.4,
+    P_std: float = 1.0,
+    sigma_data: float = 0.5,
+    rnd_normal: Array | None = None,
+    noise: Array | None = None,
+) -> tuple[Array, dict]:
+    """EDM2Loss: sum of lambda/exp(u) |D(y + n; sigma) - y|^2 + u over elements, / batch.
+
+    ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sd^2)/(sigma sd)^2 and
+    u = ``logvar(params, sigma) -> [B]`` the learned uncertainty. ``rnd_normal`` [B] and
+    ``noise`` (shaped like the images, before the multiplication by sigma) replace the two
+    draws from rng when given (to reproduce recorded draws).
+    """
+    y = batch["image"]  # [B,H,W,C]
+    y = y.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+    k_sigma, k_noise = jax.random.split(rng)
+    if rnd_normal is None:
+        rnd_normal = jax.random.normal(k_sigma, y.shape[:1], y.dtype)
+    if noise is None:
+        noise = jax.random.normal(k_noise, y.shape, y.dtype)
+    sigma = jnp.exp(jnp.reshape(rnd_normal, (-1,)).astype(y.dtype) * P_std + P_mean)  # [B]
+    lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    s = sigma.reshape((-1,) + (1,) * (y.ndim - 1))
+    D_yn = denoise(params, y + noise.astype(y.dtype) * s, sigma, **_cond(batch))
+    u = logvar(params, sigma).reshape(s.shape).astype(y.dtype)  # [B,1,1,1]
+    per_elem = (lam.reshape(s.shape) / jnp.exp(u)) * (D_yn - y) ** 2 + u
+    per_example = jnp.sum(per_elem, axis=tuple(range(1, y.ndim)))  # [B]
+    loss = jnp.sum(per_example) / y.shape[0]
+    return loss, {
+        "per_example": per_example,
+        "sigma": sigma,
+        "logvar": u.reshape(-1),
+        "denoised": D_yn,
+    }
+
+
+LOSSES: dict[str, Callable[..., tuple[Array, dict]]] = {
+    "edm": edm_loss,
+    "vp": vp_loss,
+    "ve": ve_loss,
+    "edm2": edm2_loss,  # EDM2Loss (sum over elements / batch), logvar from the network
+}

@@ -24,6 +24,8 @@ from edm_jax.nets.presets import NETS, assemble_model
 from edm_jax.precond import PRECONDS, IDDPMPrecond, get_precond
 
 PRECOND_NAMES = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "iDDPMPrecond": "iddpm"}
+PRECOND_NAMES["Precond"] = "edm"  # NVlabs/edm2 networks_edm2.Precond: EDM scalings + logvar
+REFERENCE_NETS = {"Precond": "EDM2UNet"}  # reference precond classes that fix the network
 PRECOND_FIELDS = (
     "sigma_data",
     "sigma_min",
@@ -46,6 +48,12 @@ _IGNORED = (
     "img_channels",
     "label_dim",
     "augment_dim",
+    "module",  # descriptive keys of an exported config (edm2 fixtures)
+    "mode",
+    "seed",
+    "torch",
+    "reference",
+    "train_forward",
 )
 _LEAF_NAMES = {
     "kernel": "weight",
@@ -81,7 +89,9 @@ def from_torch_layout(path: tuple[str, ...], a: np.ndarray) -> np.ndarray:
 def _unpack(model_or_module, prefix: str | None) -> tuple[nn.Module, str, dict[str, np.ndarray]]:
     """(network, name prefix, expected buffers by full name) of a DiffusionModel or a bare net."""
     if isinstance(model_or_module, DiffusionModel):
-        net, prefix = model_or_module.net, "model." if prefix is None else prefix
+        net = model_or_module.net
+        if prefix is None:  # the reference Precond's name for its network (EDM2: none)
+            prefix = getattr(net, "state_dict_prefix", "model.")
         buffers = {prefix + k: v for k, v in net.reference_buffers().items()}
         if isinstance(model_or_module.precond, IDDPMPrecond):
             buffers["u"] = model_or_module.precond.u.astype(np.float32)
@@ -185,7 +195,7 @@ def model_from_reference_config(config: dict, **options) -> DiffusionModel:
     precond = get_precond(
         name, **{k: config[k] for k in PRECOND_FIELDS if k in config and k in valid}
     )
-    net_cls = NETS.get(config.get("model_type", DEFAULT_NET[name]))
+    net_cls = NETS.get(config.get("model_type", REFERENCE_NETS.get(pname, DEFAULT_NET[name])))
     if net_cls is None:
         raise ValueError(f"unknown model_type {config['model_type']!r}; valid: {sorted(NETS)}")
     skip = set(_IGNORED) | set(PRECOND_FIELDS)
@@ -207,3 +217,32 @@ def load_reference(path: str | os.PathLike, **options) -> tuple[DiffusionModel, 
     config, sd = load_reference_npz(path)
     model = model_from_reference_config(config, **options)
     return model, from_state_dict(sd, model)
+
+
+def reference_config(model: DiffusionModel) -> dict:
+    """A config_json that model_from_reference_config turns back into this model (plain ones)."""
+    if model.self_cond or model.patch_size != 1:
+        raise ValueError("reference_config supports models without self_cond and patching")
+    net = model.net
+    pname = {v: k for k, v in REFERENCE_NETS.items()}.get(type(net).__name__)
+    if pname is None:
+        pname = {v: k for k, v in PRECOND_NAMES.items() if k != "Precond"}[
+            next(n for n, c in PRECONDS.items() if isinstance(model.precond, c))
+        ]
+    skip = {"img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "dtype"}
+    fields = {
+        f.name: getattr(net, f.name)
+        for f in dataclasses.fields(net)
+        if f.name not in skip | {"parent", "name"}
+    }
+    precond = {f.name: getattr(model.precond, f.name) for f in dataclasses.fields(model.precond)}
+    return {
+        "precond": pname,
+        "model_type": type(net).__name__,
+        "img_resolution": model.img_resolution,
+        "img_channels": model.img_channels,
+        "label_dim": model.label_dim,
+        "augment_dim": model.augment_dim,
+        **{k: v for k, v in precond.items() if k in PRECOND_FIELDS},
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+    }

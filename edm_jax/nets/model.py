@@ -21,7 +21,8 @@ from edm_jax.precond import Precond, make_denoiser
 
 Array = jax.Array
 
-BUFFER_NAMES = ("freqs",)  # leaves kept in params but not trained nor counted (reference buffers)
+# Leaves kept in params but neither trained nor counted (reference buffers).
+BUFFER_NAMES = ("freqs", "phases")
 
 
 def patchify(x: Array, p: int) -> Array:

@@ -12,11 +12,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from edm_jax.nets.dhariwal_unet import DhariwalUNet
+from edm_jax.nets.edm2_unet import EDM2UNet
 from edm_jax.nets.model import DiffusionModel
 from edm_jax.nets.song_unet import SongUNet
 from edm_jax.precond import get_precond
 
-NETS: dict[str, type] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+NETS: dict[str, type] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
 
 # arch -> (network class name, its fields), as NVlabs/edm train.py --arch.
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -47,6 +48,11 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "adm": ("DhariwalUNet", dict(model_channels=192, channel_mult=(1, 2, 3, 4), dropout=0.10)),
+    # EDM2 (Karras et al. 2024) magnitude-preserving U-Net, networks_edm2.UNet defaults.
+    "edm2": (
+        "EDM2UNet",
+        dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8)),
+    ),
 }
 
 # preset -> (base arch, overrides): CIFAR-10 32x32, FFHQ/AFHQv2 64x64, ImageNet 64x64.
@@ -57,6 +63,56 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ncsnpp_64": ("ncsnpp", dict(channel_mult=(1, 2, 2, 2), dropout=0.05)),
     "adm_imagenet64": ("adm", dict(dropout=0.10)),
 }
+
+# EDM2 train_edm2.py presets: ImageNet-512 (64x64x4 latents) and ImageNet-64 (pixels).
+# Training hyperparameters: batch 2048; lr = ref_lr, decay = ref_batches (Adam 0.9/0.99).
+EDM2_TRAINING: dict[str, dict[str, Any]] = {
+    f"edm2-img512-{k}": dict(
+        model_channels=c,
+        ref_lr=lr,
+        ref_batches=70000,
+        dropout=d,
+        P_mean=-0.4,
+        P_std=1.0,
+        duration_mimg=m,
+        img_resolution=64,
+        img_channels=4,
+    )
+    for k, c, lr, d, m in [
+        ("xxs", 64, 0.0170, 0.0, 2048),
+        ("xs", 128, 0.0120, 0.0, 2048),
+        ("s", 192, 0.0100, 0.0, 2048),
+        ("m", 256, 0.0090, 0.10, 2048),
+        ("l", 320, 0.0080, 0.10, 1792),
+        ("xl", 384, 0.0070, 0.10, 1280),
+        ("xxl", 448, 0.0065, 0.10, 896),
+    ]
+} | {
+    f"edm2-img64-{k}": dict(
+        model_channels=c,
+        ref_lr=lr,
+        ref_batches=35000,
+        dropout=d,
+        P_mean=-0.8,
+        P_std=1.6,
+        duration_mimg=m,
+        img_resolution=64,
+        img_channels=3,
+    )
+    for k, c, lr, d, m in [
+        ("xs", 128, 0.0120, 0.0, 1024),
+        ("s", 192, 0.0100, 0.0, 1024),
+        ("m", 256, 0.0090, 0.10, 2048),
+        ("l", 320, 0.0080, 0.10, 1024),
+        ("xl", 384, 0.0070, 0.10, 640),
+    ]
+}
+PRESETS.update(
+    {
+        name: ("edm2", dict(model_channels=t["model_channels"], dropout=t["dropout"]))
+        for name, t in EDM2_TRAINING.items()
+    }
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -52,8 +52,12 @@ def default_config() -> ml_collections.ConfigDict:
     # ('' keeps the preset's); kwargs: the density's options, sigma_data, uncertainty.
     c.loss = _section(name="edm", density="", weighting="", kwargs=ml_collections.ConfigDict())
     c.optim = _section(lr=1e-3, lr_rampup_kimg=10000.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0)
+    c.optim.schedule = "edm"  # 'edm2': lr / sqrt(max(nimg / (ref_batches batch), 1)) (EDM2)
+    c.optim.ref_batches = 70000.0
     # EDM: half-life in kimg with ramp-up (None-like: rampup_ratio=0); EDM2: power-EMA stds.
     c.ema = _section(halflife_kimg=500.0, rampup_ratio=0.05, power_stds=())
+    c.ema.snapshot_every_kimg = 0.0  # EDM2 post-hoc EMA: write power EMAs (0: never)
+    c.ema.snapshot_dtype = "float16"  # as NVlabs/edm2's snapshots
     c.train = _section(
         batch_size=512, total_kimg=200000.0, grad_accum=1, augment_p=0.0, self_cond_prob=0.5,
         remat="none", fsdp=False, fsdp_min_size=2**18,

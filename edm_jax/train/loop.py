@@ -31,7 +31,7 @@ from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
 from edm_jax.train.reporting import Reporter, summarize_rows
-from edm_jax.train.state import lr_schedule
+from edm_jax.train.state import optim_schedule
 from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 from edm_jax.train.validate import check_numbers_and_platform, validate_config, validate_data
 from edm_jax.train.workdir_lock import WorkdirLock
@@ -224,14 +224,20 @@ def _make_sampler(run: Run):
     return grid.make_grid_sampler(run.model, n=rows * cols, steps=run.config.log.sample_steps)
 
 
+def _phema_snapshots(run: Run, step: int) -> None:
+    """EDM2 post-hoc EMA: write the power EMAs at each ema.snapshot_every_kimg boundary."""
+    from edm_jax.train import phema  # here: keeps `python -m edm_jax.train.phema` clean
+
+    phema.maybe_save_snapshots(run.workdir, run.model, run.state, run.config, step)
+
+
 def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
     """Average the pending per-step metrics, log them (raises on a non-finite loss)."""
     if not pending:
         return
     rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
     cfg = run.config
-    lr = float(lr_schedule(cfg.optim.lr, cfg.optim.lr_rampup_kimg, cfg.train.batch_size)(
-        np.asarray(step - 1)))  # fmt: skip
+    lr = float(optim_schedule(cfg.optim, cfg.train.batch_size)(np.asarray(step - 1)))
     reporter.log(step, summarize_rows(rows), lr)
     pending.clear()
 
@@ -257,6 +263,7 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
             _log(run, reporter, pending, step)
         if step % cfg.log.checkpoint_every_steps == 0:
             _save(run, step)
+        _phema_snapshots(run, step)
         if path := _maybe_grid(run, sampler, step, step - 1):
             info["grid"], grid_step = path, step
         evaluate(reporter, step, step - 1)

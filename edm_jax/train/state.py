@@ -32,6 +32,7 @@ __all__ = [
     "lr_schedule",
     "make_optimizer",
     "new_state",
+    "optim_schedule",
     "power_ema_beta",
     "std_to_exp",
 ]
@@ -65,13 +66,28 @@ def _labels(params: Any) -> Any:
     return jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params))
 
 
-def make_optimizer(optim: Mapping[str, Any], batch_size: int) -> optax.GradientTransformation:
-    """Adam (EDM: betas 0.9/0.999, eps 1e-8) with the lr ramp-up, optional clipping, buffers frozen.
+def optim_schedule(optim: Mapping[str, Any], batch_size: int) -> Callable[[Array], Array]:
+    """count -> lr: EDM's ramp-up, or EDM2's inverse-sqrt decay (optim.schedule = 'edm2')."""
+    name = optim.get("schedule", "edm")
+    if name not in ("edm", "edm2"):
+        raise ValueError(f"config.optim.schedule={name!r} is not valid; valid: ['edm', 'edm2']")
+    if name == "edm2":
+        from edm_jax.train.edm2 import edm2_lr_schedule
 
-    ``optim`` holds lr, lr_rampup_kimg, b1, b2, eps, grad_clip (the config's optim section).
-    Build it once and give the same object to ``new_state`` and the train step.
+        return edm2_lr_schedule(
+            batch_size, optim["lr"], optim["ref_batches"], optim["lr_rampup_kimg"] / 1000.0
+        )
+    return lr_schedule(optim["lr"], optim["lr_rampup_kimg"], batch_size)
+
+
+def make_optimizer(optim: Mapping[str, Any], batch_size: int) -> optax.GradientTransformation:
+    """Adam (EDM: betas 0.9/0.999, eps 1e-8) with the lr schedule, optional clipping, buffers frozen.
+
+    ``optim`` holds lr, lr_rampup_kimg, b1, b2, eps, grad_clip (the config's optim section) and
+    optionally schedule/ref_batches (EDM2). Build it once and give the same object to
+    ``new_state`` and the train step.
     """
-    schedule = lr_schedule(optim["lr"], optim["lr_rampup_kimg"], batch_size)
+    schedule = optim_schedule(optim, batch_size)
     chain = [optax.clip_by_global_norm(optim["grad_clip"])] if optim["grad_clip"] > 0 else []
     chain += [optax.scale_by_adam(b1=optim["b1"], b2=optim["b2"], eps=optim["eps"])]
     chain += [optax.scale_by_learning_rate(schedule)]

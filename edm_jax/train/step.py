@@ -9,6 +9,7 @@ accumulated over micro-batches with lax.scan, averaged, made finite as EDM does
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import losses
 from edm_jax.data.augment import augment
+from edm_jax.nets.edm2_unet import EDM2UNet, edm2_logvar, forced_normalize
 from edm_jax.train.state import (
     TrainState,
     edm_ema_beta,
@@ -56,6 +58,7 @@ class StepConfig:
     ema_rampup_ratio: float = 0.05
     power_stds: tuple[float, ...] = ()
     loss: losses.LossSpec = dataclasses.field(default_factory=losses.LossSpec)
+    edm2_loss: tuple | None = None  # EDM2Loss's (option, value) pairs if loss.name == 'edm2'
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepConfig:
@@ -65,8 +68,15 @@ class StepConfig:
             batch_size=t.batch_size, grad_accum=t.grad_accum, augment_p=t.augment_p,
             remat=t.remat, self_cond_prob=t.self_cond_prob, ema_halflife_kimg=e.halflife_kimg,
             ema_rampup_ratio=e.rampup_ratio, power_stds=tuple(e.power_stds),
-            loss=losses.from_config(config.loss.to_dict()),
+            **_loss_fields(config.loss.to_dict()),
         )  # fmt: skip
+
+
+def _loss_fields(loss: dict) -> dict:
+    """StepConfig's loss fields: a LossSpec, or EDM2Loss's options for loss.name == 'edm2'."""
+    if loss.get("name") == "edm2":
+        return {"edm2_loss": tuple(sorted((loss.get("kwargs") or {}).items()))}
+    return {"loss": losses.from_config(loss)}
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -167,6 +177,11 @@ def make_loss_fn(model, hp: StepConfig) -> Callable:
             denoise = _self_cond_denoiser(model, k_drop, hp.remat, hp.self_cond_prob)
         else:
             denoise = _denoiser(model, k_drop, hp.remat)
+        if hp.edm2_loss is not None:  # EDM2: uncertainty u(sigma) from the net's logvar head
+            logvar = functools.partial(edm2_logvar, model)
+            return losses.edm2_loss(
+                k_loss, params, batch, denoise=denoise, logvar=logvar, **dict(hp.edm2_loss)
+            )
         return losses.diffusion_loss(k_loss, params, batch, denoise=denoise, spec=hp.loss)
 
     return loss_fn
@@ -210,10 +225,13 @@ def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh:
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = _accumulate_grads(loss_fn, state.params, batch, rng, hp.grad_accum, mesh)
+        params = state.params
+        if isinstance(model.net, EDM2UNet):  # EDM2 forced weight normalisation (eq. 66)
+            params = forced_normalize(params)
+        loss, grads = _accumulate_grads(loss_fn, params, batch, rng, hp.grad_accum, mesh)
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        params = jax.tree.map(jnp.add, params, updates)
         ema, power, beta = _update_emas(state, params, hp)
         new = state.replace(  # type: ignore[attr-defined]  # flax.struct adds replace
             step=state.step + 1, params=params, ema=ema, power_ema=power, opt_state=opt_state

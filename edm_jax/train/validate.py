@@ -51,7 +51,13 @@ def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = 
 
 def _check_loss(loss: ml_collections.ConfigDict) -> None:
     """The loss preset, its sigma density, weighting and options exist (losses.from_config)."""
-    _choice("loss.name", loss.name, losses.PRESETS)
+    _choice("loss.name", loss.name, [*losses.PRESETS, "edm2"])
+    if loss.name == "edm2":  # EDM2Loss: the network's logvar head gives the uncertainty
+        try:
+            losses.check_edm2_options(dict(loss.kwargs), loss.density, loss.weighting)
+        except ValueError as e:
+            raise ValueError(f"config.loss: {e}") from None
+        return
     if loss.density:
         _choice("loss.density", loss.density, DENSITIES)
     if loss.weighting:
