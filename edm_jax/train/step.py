@@ -222,12 +222,11 @@ def _update_emas(state: TrainState, params, hp: StepConfig):
 def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
     """The un-jitted step: (state, global batch) -> (state, metrics), with the optimizer tx."""
     loss_fn = make_loss_fn(model, hp)
+    weight_norm = isinstance(getattr(model, "net", None), EDM2UNet)  # EDM2 (eq. 66)
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        params = state.params
-        if isinstance(model.net, EDM2UNet):  # EDM2 forced weight normalisation (eq. 66)
-            params = forced_normalize(params)
+        params = forced_normalize(state.params) if weight_norm else state.params
         loss, grads = _accumulate_grads(loss_fn, params, batch, rng, hp.grad_accum, mesh)
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
         updates, opt_state = tx.update(grads, state.opt_state, params)
