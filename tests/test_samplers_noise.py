@@ -66,7 +66,7 @@ def sde_runs():
         fn = jax.jit(
             lambda x, name=name: samplers.SAMPLERS[name](denoise, x, sigmas, rng=jax.random.key(5))
         )
-        out[name] = (fn(x), fn(x[:1]))
+        out[name] = (fn(x), fn(x[:1]) if name == "dpmpp_2m_sde" else None)
 
     @jax.jit
     def walked(x):  # dpmpp_sde walking the tree on every call: the table must read the same W
@@ -76,9 +76,9 @@ def sde_runs():
     return out, walked(x)
 
 
-@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde"])
-def test_sde_samplers_are_batch_invariant(sde_runs, name):
-    big, one = sde_runs[0][name]
+def test_dpmpp_2m_sde_is_batch_invariant(sde_runs):
+    """A seed's path is the same in a batch of 16 and alone (k-diffusion's contract)."""
+    big, one = sde_runs[0]["dpmpp_2m_sde"]
     np.testing.assert_allclose(big[:1], one, rtol=1e-5, atol=1e-6)
     assert not np.allclose(big[0], big[1])
 
