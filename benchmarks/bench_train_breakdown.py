@@ -108,7 +108,7 @@ def main() -> None:
             jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g))))), grads, repeats=r),
         "adam": _ms(jax.jit(lambda g, o, p: tx.update(g, o, p)), grads, state.opt_state,
                     state.params, repeats=r),
-        "ema": _ms(jax.jit(lambda e, p: ema_update(e, p, 0.999)), state.ema, state.params,
+        "ema": _ms(jax.jit(lambda e, p: ema_update(e, p, jnp.float32(0.999))), state.ema, state.params,
                    repeats=r),
         "ema_and_2_power_emas": _ms(jax.jit(lambda s, p: _update_emas(s, p, config, a.batch)),
                                     state, state.params, repeats=r),

@@ -91,7 +91,7 @@ def _path(sigma, lo, hi, depth: int) -> tuple[Array, Array]:
         std = jnp.sqrt(jnp.maximum((s - s_a) * (s_b - s) / span, 0.0))
         return c_a + ((s - s_a) / span) * (c_b - c_a) + std * unit[k]
 
-    def level(state, k):
+    def descend(state, k):
         s_a, s_b, c_a, c_b, r_a = state
         r_mid = r_a + 0.5**k
         s_mid = jnp.exp(log_lo + r_mid * log_span)
@@ -100,7 +100,7 @@ def _path(sigma, lo, hi, depth: int) -> tuple[Array, Array]:
         new = (pick(s_mid, s_a), pick(s_b, s_mid), pick(c_mid, c_a), pick(c_b, c_mid))
         return (*new, pick(r_mid, r_a)), None
 
-    (s_a, s_b, c_a, c_b, _), _ = jax.lax.scan(level, state, jnp.arange(1, depth + 1))
+    (s_a, s_b, c_a, c_b, _), _ = jax.lax.scan(descend, state, jnp.arange(1, depth + 1))
     return heap, bridge(c_a, c_b, s_a, s_b, sigma, depth + 1)
 
 
