@@ -28,8 +28,8 @@ SDE = ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"]
 # (script, full-size args, smoke args, time cap in s); optional scripts are skipped if absent.
 RUNS = [
     ("bench_samplers.py", ["--repeats", "5"],
-     ["--steps", "5", "--repeats", "1", "--conv-batch", "2", "--only", "euler",
-      "euler_ancestral", *SDE], 120),
+     ["--steps", "5", "--repeats", "1", "--conv-batch", "2", "--only", "euler_ancestral",
+      "dpmpp_2m_sde"], 120),
     ("bench_nets.py", ["--dtypes", "bfloat16", "--iters", "10"],
      ["--small", "--dtypes", "float32", "--models", "ddpmpp_cifar10"], 150),
     ("bench_train.py", ["--dtype", "bfloat16"],
@@ -142,7 +142,7 @@ def main() -> None:
     """Install missing wheels, run every benchmark in the budget, print JSON and the table."""
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
-    p.add_argument("--budget-s", type=float, default=540.0, help="total seconds for all runs")
+    p.add_argument("--budget-s", type=float, default=None, help="total s (540; smoke 1500)")
     p.add_argument("--wheels", default=".whl", help="folder of carried wheels")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args()
@@ -151,10 +151,11 @@ def main() -> None:
     repo = os.path.dirname(HERE)
     paths = [x for x in (site, repo, env.get("PYTHONPATH")) if x]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    deadline = time.perf_counter() + args.budget_s
+    budget = args.budget_s or (1500.0 if args.smoke else 540.0)
+    deadline = time.perf_counter() + budget
     report = {}
-    for script, full, smoke, cap in RUNS:
-        limit = min(cap, deadline - time.perf_counter())
+    for script, full, smoke, cap in RUNS:  # a shared 2-core CPU compiles slowly: 3x the caps
+        limit = min(3 * cap if args.smoke else cap, deadline - time.perf_counter())
         report[script] = run_one(script, smoke if args.smoke else full, limit, env)
     text = json.dumps({"smoke": args.smoke, "runs": report}, indent=1)
     print(text)
