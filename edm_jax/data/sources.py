@@ -16,6 +16,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class ImageSource:
         """uint8 [R,R,C] image `index` (0 <= index < len)."""
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         """{'image': uint8 [R,R,C], 'label': int32 scalar (0 when unlabeled)}."""
         n = len(self)
         index = int(index)

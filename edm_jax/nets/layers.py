@@ -150,11 +150,10 @@ class Conv2d(nn.Module):
         w, b = self._weights()
         w_pad = self.kernel // 2
         f_pad = (len(self.resample_filter) - 1) // 2 if (self.up or self.down) else 0
-        fused = self.fused_resample and w is not None
-        if fused and self.up:
+        if self.fused_resample and w is not None and self.up:
             x = upsample(x, self.resample_filter, max(f_pad - w_pad, 0))
             x = _conv(x, w, max(w_pad - f_pad, 0))
-        elif fused and self.down:
+        elif self.fused_resample and w is not None and self.down:
             x = downsample(_conv(x, w, w_pad + f_pad), self.resample_filter, 0)
         else:
             if self.up:
@@ -218,9 +217,9 @@ def self_attention(qkv: Array, num_heads: int, implementation: str | None = None
     C = C3 // 3
     qkv = qkv.reshape(B, H * W, num_heads, C // num_heads, 3)  # reference channel order
     q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, T, N, C/N]
-    a = jax.nn.dot_product_attention(
-        q, k, v, implementation=implementation
-    )  # softmax(q k^T/sqrt(d)) v
+    impl = {"xla": "xla", "cudnn": "cudnn"}.get(implementation or "")  # checked Literal
+    a = jax.nn.dot_product_attention(q, k, v, implementation=impl)  # type: ignore[arg-type]
+    # softmax(q k^T/sqrt(d)) v
     return a.reshape(B, H, W, C)
 
 

@@ -60,7 +60,7 @@ def count_params(params: Any) -> int:
     return int(sum(np.prod(v.shape) for k, v in flat.items() if not is_buffer(k)))
 
 
-def dummy_net_inputs(net: nn.Module, batch: int = 1) -> tuple[Array, ...]:
+def dummy_net_inputs(net: nn.Module, batch: int = 1) -> tuple[Array | None, ...]:
     """Zeros (x, noise_labels, class_labels, augment_labels) that create every parameter."""
     r, c = net.img_resolution, net.in_channels
     x = jnp.zeros((batch, r, r, c), jnp.float32)
@@ -126,7 +126,7 @@ class DiffusionModel:
             train=train,
             rngs=rngs,
         )
-        return unpatchify(F_x, self.patch_size).astype(jnp.float32)
+        return unpatchify(jnp.asarray(F_x), self.patch_size).astype(jnp.float32)
 
     def denoise(
         self,

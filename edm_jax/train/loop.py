@@ -40,7 +40,10 @@ __all__ = ["Run", "setup", "total_steps", "train"]
 
 # The state initialisation runs once: compile it without LLVM's slow optimisations (same
 # values; on the CPU the ~100 random-init kernels otherwise take minutes to compile).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE: dict[str, Any] = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -237,7 +240,7 @@ def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
         return
     rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
     cfg = run.config
-    lr = float(optim_schedule(cfg.optim, cfg.train.batch_size)(np.asarray(step - 1)))
+    lr = float(optim_schedule(cfg.optim, cfg.train.batch_size)(jax.numpy.asarray(step - 1)))
     reporter.log(step, summarize_rows(rows), lr)
     pending.clear()
 
@@ -245,7 +248,9 @@ def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
 def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | None) -> dict:
     """Run steps until the end, SIGTERM or stop_at_step; returns the status info."""
     cfg, total = run.config, total_steps(run.config)
-    step, pending, info = int(jax.device_get(run.state.step)), [], {"status": "finished"}
+    step = int(jax.device_get(run.state.step))
+    info: dict[str, Any] = {"status": "finished"}
+    pending: list[Any] = []
     sampler, shard = _make_sampler(run), batch_sharding(run.mesh)
     info["grid"] = _maybe_grid(run, sampler, step, None) if step == 0 else None
     grid_step = step if info["grid"] else None

@@ -64,7 +64,8 @@ class Reporter:
         self.total_steps, self.start_step = total_steps, start_step
         self.primary = jax.process_index() == 0
         self.t_start = self.t_last = time.time()
-        self.step_last, self.last = start_step, {}
+        self.step_last = start_step
+        self.last: dict[str, float] = {}
         if self.primary:
             repair_stats(self.workdir / "stats.jsonl", start_step)
         self.bar = self._bar(use_tqdm)
