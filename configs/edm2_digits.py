@@ -5,13 +5,14 @@ uncertainty, forced weight normalisation, Adam 0.9/0.99 with the inverse-sqrt sc
 power-function EMAs written as post-hoc EMA snapshots (``python -m edm_jax.train.phema``).
 """
 
-from edm_jax.train.config_io import default_config
+from edm_jax.train.config_io import default_config, parse_variant
 
 
 def get_config(arg=None):
-    """arg: 'uncond' for unconditional training."""
+    """Variant: 'cond=0' for unconditional training."""
+    v = parse_variant(arg, cond=True)
     c = default_config()
-    c.data.update(name="digits", resolution=8, channels=1, use_labels=arg != "uncond")
+    c.data.update(name="digits", resolution=8, channels=1, use_labels=v.cond)
     c.model.arch = "edm2"
     c.model.net.update(
         dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0)

@@ -8,15 +8,13 @@ Point data.path at a latent dataset zip (``--config.data.path=...``).
 """
 
 from edm_jax.nets.presets import EDM2_TRAINING
-from edm_jax.train.config_io import default_config
+from edm_jax.train.config_io import default_config, parse_variant
 
 
 def get_config(arg=None):
-    """arg: the preset size, 'xxs' | 'xs' | 's' (default) | 'm' | 'l' | 'xl' | 'xxl'."""
-    name = f"edm2-img512-{arg or 's'}"
-    if name not in EDM2_TRAINING:
-        valid = sorted(k.split("-")[-1] for k in EDM2_TRAINING if k.startswith("edm2-img512-"))
-        raise ValueError(f"unknown EDM2 img512 size {arg!r}; valid: {valid}")
+    """Variant: 'size=xxs' | 'xs' | 's' (default) | 'm' | 'l' | 'xl' | 'xxl' (edm2-img512-*)."""
+    v = parse_variant(arg, size=("s", "xxs", "xs", "m", "l", "xl", "xxl"))
+    name = f"edm2-img512-{v.size}"
     t = EDM2_TRAINING[name]
     c = default_config()
     c.data.update(name="zip", path="datasets/img512-sd.zip", resolution=64, channels=4,

@@ -7,15 +7,13 @@ Point data.path at an NVlabs dataset zip (``--config.data.path=...``).
 """
 
 from edm_jax.nets.presets import EDM2_TRAINING
-from edm_jax.train.config_io import default_config
+from edm_jax.train.config_io import default_config, parse_variant
 
 
 def get_config(arg=None):
-    """arg: the preset size, 'xs' | 's' (default) | 'm' | 'l' | 'xl'."""
-    name = f"edm2-img64-{arg or 's'}"
-    if name not in EDM2_TRAINING:
-        valid = sorted(k.split("-")[-1] for k in EDM2_TRAINING if k.startswith("edm2-img64-"))
-        raise ValueError(f"unknown EDM2 img64 size {arg!r}; valid: {valid}")
+    """Variant: 'size=xs' | 's' (default) | 'm' | 'l' | 'xl' (the edm2-img64-* presets)."""
+    v = parse_variant(arg, size=("s", "xs", "m", "l", "xl"))
+    name = f"edm2-img64-{v.size}"
     t = EDM2_TRAINING[name]
     c = default_config()
     c.data.update(name="zip", path="datasets/imagenet-64x64.zip", resolution=64, channels=3,

@@ -178,7 +178,9 @@ def test_edm2_config_rejects_unknown_size():
     spec = importlib.util.spec_from_file_location("cfg", "configs/edm2_img64.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    with pytest.raises(ValueError, match="unknown EDM2 img64 size 'xxl'; valid: "):
+    with pytest.raises(ValueError, match=r"config variant size='xxl' is not valid .*'xl'"):
+        mod.get_config("size=xxl")
+    with pytest.raises(ValueError, match="unknown config variant 'xxl'"):
         mod.get_config("xxl")
 
 
