@@ -11,10 +11,8 @@ A user error (bad flag value, missing path) prints one line ``error: ...`` and e
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _atomic_write(path: Path, write) -> None:
     """write(file_object) into a temp file beside path, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from edm_jax.fileio import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 def write_outputs(outdir: Path, images: np.ndarray, seeds, labels) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from edm_jax.samplers.core import append_dims
+
 Array = jax.Array
 Denoiser = Callable[..., Array]
 
@@ -30,11 +32,6 @@ __all__ = ["GuidedModel", "autoguidance", "cfg", "cfg_guide", "check_guide", "gr
 def _sigma_b(sigma, x: Array) -> Array:
     """sigma broadcast to [B]."""
     return jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
-
-
-def _expand(c: Array, ndim: int) -> Array:
-    """[B] -> [B, 1, ..., 1]."""
-    return c.reshape(c.shape + (1,) * (ndim - 1))
 
 
 def _check_scale(scale) -> None:
@@ -75,7 +72,7 @@ def cfg(
             D_cond, D_uncond = jnp.split(D, 2, axis=0)
         else:
             D_cond, D_uncond = denoise(x, sigma, labels=labels), denoise(x, sigma, labels=None)
-        on = _expand((sigma >= lo) & (sigma <= hi), x.ndim)  # guidance interval
+        on = append_dims((sigma >= lo) & (sigma <= hi), x.ndim)  # guidance interval
         return jnp.where(on, D_uncond + scale * (D_cond - D_uncond), D_cond)
 
     return guided
@@ -108,7 +105,7 @@ def autoguidance(
         D_guide = jax.lax.cond(
             jnp.any(on), lambda: denoise_guide(x, sigma).astype(D_main.dtype), lambda: D_main
         )
-        return jnp.where(_expand(on, x.ndim), _lerp(D_guide, D_main, scale), D_main)
+        return jnp.where(append_dims(on, x.ndim), _lerp(D_guide, D_main, scale), D_main)
 
     return guided
 
@@ -185,7 +182,7 @@ def gradient_guidance(
         else:
             D = denoise(x, sigma)
             grad = jax.grad(lambda d: jnp.sum(log_prob(d, sigma)))(jax.lax.stop_gradient(D))
-        return D + scale * _expand(sigma, x.ndim) ** 2 * grad
+        return D + scale * append_dims(sigma, x.ndim) ** 2 * grad
 
     return guided
 

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edm_jax.samplers.core import append_dims
+
 Array = jax.Array
 
 __all__ = [
@@ -62,11 +64,6 @@ def _f(x) -> Array:
     return jnp.asarray(x, jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
-def _expand(c: Array, ndim: int) -> Array:
-    """[B] -> [B, 1, ..., 1]."""
-    return c.reshape(c.shape + (1,) * (ndim - 1))
-
-
 def atan_sigma_to_t(sigma) -> Array:
     """Continuous time of v-diffusion: t = atan(sigma) 2/pi in [0, 1]."""
     return jnp.arctan(_f(sigma)) * (2 / math.pi)
@@ -81,7 +78,7 @@ def _vp_inputs(x, sigma) -> tuple[Array, Array, Array]:
     """x as float, sigma as [B] and [B,1,..,1]: common prologue of every wrapper."""
     x = _f(x)
     sigma = jnp.broadcast_to(_f(sigma), x.shape[:1])  # [B]
-    return x, sigma, _expand(sigma, x.ndim)
+    return x, sigma, append_dims(sigma, x.ndim)
 
 
 def _eps_to_D(x, s, eps) -> Array:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edm_jax.checks import check_choice
 from edm_jax.nets.conditioning import NULL_LABELS, dhariwal_label_map
 from edm_jax.nets.layers import (
     ATTENTION_IMPLS,
@@ -20,7 +21,7 @@ from edm_jax.nets.layers import (
     UNetBlock,
     positional_embedding,
 )
-from edm_jax.nets.song_unet import Spec, check_choice, check_levels, plan_buffers, spec
+from edm_jax.nets.song_unet import Spec, check_levels, plan_buffers, spec
 
 Array = jax.Array
 

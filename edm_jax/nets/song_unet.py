@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edm_jax.checks import check_choice
 from edm_jax.nets.conditioning import NULL_LABELS, song_label_map
 from edm_jax.nets.layers import (
     ATTENTION_IMPLS,
@@ -45,12 +46,6 @@ class Spec(NamedTuple):
     name: str
     kind: str
     kwargs: dict
-
-
-def check_choice(what: str, value: Any, valid: tuple) -> None:
-    """Raise ValueError naming `value` and the valid choices unless value is in valid."""
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {list(valid)}")
 
 
 def check_levels(img_resolution: int, channel_mult: tuple[int, ...]) -> None:

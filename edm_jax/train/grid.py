@@ -10,7 +10,6 @@ grid image equals ``edm_jax.sample(rng, params, model, seeds=[i], labels=[i % cl
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from edm_jax import api
+from edm_jax.fileio import atomic_open
 from edm_jax.types import Array
 
 __all__ = [
@@ -100,7 +100,6 @@ def save_grid(path: str | Path, images: np.ndarray, cols: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = tile_images(images, cols)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        img.save(f, format="PNG")
     return path

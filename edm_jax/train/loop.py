@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 from pathlib import Path
@@ -25,6 +24,7 @@ from edm_jax.checkpoints import model_from_spec
 from edm_jax.data.augment import augment_dim
 from edm_jax.data.load import load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
+from edm_jax.fileio import atomic_write_text
 from edm_jax.metrics.evaluate import make_evaluator
 from edm_jax.nets.presets import resolve_arch
 from edm_jax.train import grid
@@ -66,13 +66,6 @@ class Run:
     resumed_from: int | None
     spec: dict
     lock: WorkdirLock | None = None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temp file and os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_spec(config: ml_collections.ConfigDict, source) -> dict:
@@ -158,7 +151,7 @@ def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
         pipeline.set_state(restored[2])
         ckpt.last_saved = restored[0]
     if jax.process_index() == 0:
-        _write_text_atomic(workdir / "config.json", to_json(config))
+        atomic_write_text(workdir / "config.json", to_json(config))
     step_fn = trainer.jit_step(mesh, shardings)
     resumed = None if restored is None else restored[0]
     return Run(config, workdir, model, mesh, state, pipeline, step_fn, ckpt, resumed, spec, lock)
