@@ -146,8 +146,8 @@ def test_snapshots_to_loadable_reconstructions(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path, arg", [("configs/edm2_digits.py", None), ("configs/edm2_img64.py", "s"),
-                  ("configs/edm2_img64.py", "xl"), ("configs/edm2_img512.py", "xxl")],
+    "path, arg", [("configs/edm2_digits.py", None), ("configs/edm2_img64.py", "size=s"),
+                  ("configs/edm2_img64.py", "size=xl"), ("configs/edm2_img512.py", "size=xxl")],
 )  # fmt: skip
 def test_edm2_configs_validate_and_use_the_edm2_schedule(path, arg):
     import importlib.util
