@@ -1,34 +1,19 @@
-"""EDM2 on ImageNet 512x512 as 64x64x4 SD-VAE latents (Karras et al. 2024, train_edm2.py edm2-img512-* presets).
+"""EDM2 on ImageNet 512x512 as 64x64x4 SD-VAE latents (train_edm2.py edm2-img512-* presets).
 
-Magnitude-preserving U-Net, EDM2 loss (P_mean -0.4, P_std 1.0) with learned uncertainty,
-Adam 0.9/0.99 with lr = ref_lr / sqrt(max(t / 70000, 1)) and a 10 Mimg ramp-up, batch 2048,
-power-function EMAs (std 0.050, 0.100) snapshotted every 8 Mi images for post-hoc EMA.
-Latents as written by the latent-diffusion data tool; until it lands the config builds and validates.
-Point data.path at a latent dataset zip (``--config.data.path=...``).
+Magnitude-preserving U-Net, EDM2 loss (P_mean -0.4, P_std 1.0) with learned uncertainty, the
+inverse-square-root learning rate (ref_batches 70000) and post-hoc EMA snapshots
+(``edm_jax.train.recipes.edm2``). The data are VAE latents written by the dataset tool
+(``python -m edm_jax.data.tool --transform center-crop-dhariwal --resolution 512 --encoder
+sd-vae-ft-mse --encoder-weights vae.npz``); point data.path and data.encoder_weights at them.
 """
 
-from edm_jax.nets.presets import EDM2_TRAINING
-from edm_jax.train.config_io import default_config, parse_variant
+from edm_jax.train.recipes import edm2
 
 
 def get_config(arg=None):
     """Variant: 'size=xxs' | 'xs' | 's' (default) | 'm' | 'l' | 'xl' | 'xxl' (edm2-img512-*)."""
-    v = parse_variant(arg, size=("s", "xxs", "xs", "m", "l", "xl", "xxl"))
-    name = f"edm2-img512-{v.size}"
-    t = EDM2_TRAINING[name]
-    c = default_config()
-    c.data.update(name="zip", path="datasets/img512-sd.zip", resolution=64, channels=4,
-                  use_labels=True, num_workers=8)  # fmt: skip
-    c.model.update(arch=name, dtype="bfloat16")  # the reference trains in fp16 on GPUs
-    c.loss.name = "edm2"
-    c.loss.kwargs.update(dict(P_mean=t["P_mean"], P_std=t["P_std"]))
-    c.optim.update(lr=t["ref_lr"], lr_rampup_kimg=10000.0, b1=0.9, b2=0.99, eps=1e-8,
-                   schedule="edm2", ref_batches=float(t["ref_batches"]))  # fmt: skip
-    c.ema.update(power_stds=(0.05, 0.10))
-    c.ema.snapshot_every_kimg = (8 << 20) / 1000  # 8 Mi images
-    c.ema.snapshot_dtype = "float16"
-    c.train.update(batch_size=2048, total_kimg=t["duration_mimg"] * (1 << 20) / 1000,
-                   augment_p=0.0)  # fmt: skip
-    c.log.update(log_every_steps=100, checkpoint_every_steps=5000, keep_period_steps=50000,
-                 sample_every_kimg=50000.0, sample_grid=10, sample_steps=32)  # fmt: skip
+    c = edm2(arg, dataset="img512")
+    c.data.update(name="latents", path="datasets/img512-sd-latents", resolution=64, channels=4,
+                  use_labels=True, num_workers=8, encoder="sd-vae-ft-mse",
+                  encoder_weights="weights/sd-vae-ft-mse.npz")  # fmt: skip
     return c
