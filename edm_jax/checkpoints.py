@@ -204,7 +204,7 @@ def _read_step(step_dir: Path) -> tuple[Any, Any, Any]:
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, Any]:
     """(model, EMA params, config) of the newest readable committed step (or the one given)."""
     quiet_orbax()
-    directory, step = locate_checkpoint(os.fspath(path))
+    directory, step = locate_checkpoint(os.path.abspath(path))  # orbax needs absolute paths
     steps = committed_steps(directory) if step is None else [step]
     if not steps:
         raise ValueError(f"no committed checkpoint in {path} (the run has not saved one yet)")

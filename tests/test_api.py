@@ -171,6 +171,14 @@ def test_load_training_run(tiny_run):
         np.testing.assert_array_equal(a, b)
 
 
+def test_load_relative_workdir_path(tiny_run, monkeypatch):
+    """A workdir given relative to the working directory (as the README's commands do)."""
+    monkeypatch.chdir(tiny_run.parent)
+    for rel in (tiny_run.name, f"{tiny_run.name}/checkpoints/2"):
+        params = api.load(rel)[1]
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), rel
+
+
 def test_cli_training_run_same_png_bytes_in_batch_1_and_16(tmp_path, tiny_run):
     """sample.py on the run's checkpoint: the promised files, identical whatever --batch."""
     common = ["--workdir", tiny_run, "--seeds", "0-15", "--steps", "3", "--sampler", "euler"]
