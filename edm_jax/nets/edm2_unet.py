@@ -212,6 +212,14 @@ def edm2_plan(net: EDM2UNet) -> tuple[int, tuple, tuple]:
     return cblock[0], tuple(enc), tuple(dec)
 
 
+def _block(s: BlockSpec, kw: dict) -> Block:
+    """The Block of plan entry `s` (named as the reference's state_dict prefix)."""
+    return Block(
+        s.cin, s.cout, flavor=s.flavor, resample_mode=s.resample_mode, attention=s.attention,
+        name=s.name, **kw,
+    )  # fmt: skip
+
+
 class _Stack(nn.Module):
     """The encoder ('enc') or decoder ('dec') ModuleDict of the reference."""
 
@@ -230,29 +238,13 @@ class _Stack(nn.Module):
             x = MPConv(self.in_channels, self.conv_channels, 3, name=f"{res}x{res}_conv")(x)
             out = [x]
             for s in self.specs:
-                x = Block(
-                    s.cin,
-                    s.cout,
-                    flavor=s.flavor,
-                    resample_mode=s.resample_mode,
-                    attention=s.attention,
-                    name=s.name,
-                    **kw,
-                )(x, emb, train)
+                x = _block(s, kw)(x, emb, train)
                 out.append(x)
             return out
         for s in self.specs:
             if "block" in s.name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = Block(
-                s.cin,
-                s.cout,
-                flavor=s.flavor,
-                resample_mode=s.resample_mode,
-                attention=s.attention,
-                name=s.name,
-                **kw,
-            )(x, emb, train)
+            x = _block(s, kw)(x, emb, train)
         return x
 
 
