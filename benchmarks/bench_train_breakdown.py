@@ -24,6 +24,7 @@ from edm_jax.data.augment import augment
 from edm_jax.train.config_io import default_config
 from edm_jax.train.state import ema_update, init_state, make_optimizer
 from edm_jax.train.step import (
+    StepConfig,
     _update_emas,
     batch_sharding,
     make_loss_fn,
@@ -89,10 +90,11 @@ def main() -> None:
     batch = {"image": jax.random.uniform(kx, (a.batch, 32, 32, 3), minval=-1, maxval=1),
              "label": jax.random.randint(ky, (a.batch,), 0, 10)}  # fmt: skip
     sigma = jnp.full((a.batch,), 1.0)
-    loss_fn = make_loss_fn(model, config)
+    hp = StepConfig.from_config(config)
+    loss_fn = make_loss_fn(model, hp)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, k, b: loss_fn(k, p, b)[0]))
     _, grads = grad_fn(state.params, kr, batch)
-    tx = make_optimizer(config.optim, a.batch, state.params)
+    tx = make_optimizer(config.optim, a.batch)
     r = a.repeats
     out = {
         "forward": _ms(jax.jit(lambda p, x: model.denoise(p, x, sigma, train=True, rng=kr,
@@ -110,7 +112,7 @@ def main() -> None:
                     state.params, repeats=r),
         "ema": _ms(jax.jit(lambda e, p: ema_update(e, p, jnp.float32(0.999))), state.ema, state.params,
                    repeats=r),
-        "ema_and_2_power_emas": _ms(jax.jit(lambda s, p: _update_emas(s, p, config, a.batch)),
+        "ema_and_2_power_emas": _ms(jax.jit(lambda s, p: _update_emas(s, p, hp)),
                                     state, state.params, repeats=r),
     }  # fmt: skip
     step = make_train_step(model, config, mesh, shardings)

@@ -6,6 +6,10 @@ Light modules are imported here; ``edm_jax.nets``, ``edm_jax.data``, ``edm_jax.t
 
 import importlib
 
+from edm_jax import xla_cpu
+
+xla_cpu.configure()  # before any computation: XLA reads XLA_FLAGS when a backend starts
+
 from edm_jax import analytic, guidance, losses, precond, samplers, schedules, types, wrappers
 from edm_jax.api import load, sample
 from edm_jax.losses import LOSSES, make_loss

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from edm_jax import hashrng
 from edm_jax.nets.conditioning import one_hot_labels
 from edm_jax.nets.layers import downsample, upsample
 from edm_jax.nets.song_unet import check_levels
@@ -158,7 +159,7 @@ class Block(nn.Module):
         c = MPConv(self.emb_channels, cout, 0, name="emb_linear")(emb, gain=emb_gain) + 1
         y = mp_silu(y * c[:, None, None, :].astype(y.dtype))
         if train and self.dropout:
-            y = nn.Dropout(self.dropout, deterministic=False)(y)
+            y = hashrng.dropout(self.make_rng("dropout"), y, self.dropout)
         y = MPConv(cout, cout, 3, name="conv_res1")(y)
         if self.flavor == "dec" and cin != cout:
             x = MPConv(cin, cout, 1, name="conv_skip")(x)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edm_jax import hashrng
+
 Array = jax.Array
 Dtype = Any
 
@@ -286,8 +288,8 @@ class UNetBlock(nn.Module):
             x = nn.silu(shift + GroupNorm(C, name="norm1", **norm)(x) * (scale + 1))
         else:
             x = nn.silu(GroupNorm(C, name="norm1", **norm)(x + params))
-        if self.dropout:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if self.dropout and train:
+            x = hashrng.dropout(self.make_rng("dropout"), x, self.dropout)
         x = self._conv("conv1", C, C, 3, self.winit_zero)(x)
         x = (x + self._skip(orig)) * self.skip_scale
         if self.heads:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from edm_jax.hashrng import mix32
+
 Array = jax.Array
 NoiseSampler = Callable[[Array, Array], Array]
 
@@ -41,16 +43,6 @@ def default_noise_sampler(rng: Array, x: Array) -> NoiseSampler:
     return sample
 
 
-_MIX = (0x7FEB352D, 0x846CA68B)  # lowbias32 multipliers (C. Wellons' integer hash)
-
-
-def _mix(h: Array) -> Array:
-    """A bijective 32-bit integer hash (lowbias32)."""
-    h = (h ^ (h >> 16)) * jnp.uint32(_MIX[0])
-    h = (h ^ (h >> 15)) * jnp.uint32(_MIX[1])
-    return h ^ (h >> 16)
-
-
 def _node_normals(seed: Array, nodes: Array, shape, dtype) -> Array:
     """[*nodes.shape, *shape] N(0, 1), one per (tree node, element), keyed by seed uint32[2].
 
@@ -58,9 +50,9 @@ def _node_normals(seed: Array, nodes: Array, shape, dtype) -> Array:
     cheaper than threefry per value on the CPU, and random access by node number.
     """
     size = math.prod(shape)
-    elem = _mix(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed[1])  # [D]
-    node = _mix(_mix(nodes.astype(jnp.uint32) ^ seed[0]) + jnp.uint32(0x632BE5AB))  # [...]
-    bits = _mix(_mix(node[..., None] ^ elem) + seed[1])  # [..., D]
+    elem = mix32(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed[1])  # [D]
+    node = mix32(mix32(nodes.astype(jnp.uint32) ^ seed[0]) + jnp.uint32(0x632BE5AB))  # [...]
+    bits = mix32(mix32(node[..., None] ^ elem) + seed[1])  # [..., D]
     u = ((bits >> 8).astype(dtype) + 0.5) * (2.0**-23) - 1  # uniform in (-1, 1)
     z = math.sqrt(2.0) * jax.lax.erf_inv(u)
     return z.reshape(*nodes.shape, *shape)
