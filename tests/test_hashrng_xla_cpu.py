@@ -72,3 +72,22 @@ def test_xla_cpu_flag_left_alone_when_jaxlib_version_unknown(monkeypatch):
     env: dict[str, str] = {}
     assert not xla_cpu.configure(env, started=False)
     assert env == {}
+
+
+def test_erfinv_matches_xla_erf_inv():
+    """Giles' polynomials as written here equal XLA's erf_inv to float32 rounding, tails included."""
+    u = jnp.concatenate([jnp.linspace(-1 + 2**-23, 1 - 2**-23, 200_001),
+                         1 - jnp.logspace(-7, -1, 50)])  # fmt: skip
+    ours, ref = np.asarray(hashrng.erfinv(u)), np.asarray(jax.lax.erf_inv(u))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_normal_from_bits_moments():
+    z = np.asarray(
+        hashrng.normal_from_bits(hashrng.bits(jax.random.key(0), (1_000_000,))), np.float64
+    )
+    n = z.size
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs(np.mean(z**4) - 3) < 5 * np.sqrt(96 / n)  # Gaussian kurtosis
+    assert abs(np.mean(np.abs(z) > 3) - 2.6998e-3) < 5 * np.sqrt(2.7e-3 / n)  # the tails

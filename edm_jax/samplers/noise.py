@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from edm_jax.hashrng import mix32
+from edm_jax.hashrng import mix32, normal_from_bits
 
 Array = jax.Array
 NoiseSampler = Callable[[Array, Array], Array]
@@ -53,9 +53,7 @@ def _node_normals(seed: Array, nodes: Array, shape, dtype) -> Array:
     elem = mix32(jnp.arange(size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) + seed[1])  # [D]
     node = mix32(mix32(nodes.astype(jnp.uint32) ^ seed[0]) + jnp.uint32(0x632BE5AB))  # [...]
     bits = mix32(mix32(node[..., None] ^ elem) + seed[1])  # [..., D]
-    u = ((bits >> 8).astype(dtype) + 0.5) * (2.0**-23) - 1  # uniform in (-1, 1)
-    z = math.sqrt(2.0) * jax.lax.erf_inv(u)
-    return z.reshape(*nodes.shape, *shape)
+    return normal_from_bits(bits, dtype).reshape(*nodes.shape, *shape)
 
 
 def _path(sigma, lo, hi, depth: int) -> tuple[Array, Array]:
