@@ -30,6 +30,7 @@ RUNS = [
     ("bench_samplers.py", ["--repeats", "5"],
      ["--steps", "5", "--repeats", "1", "--conv-batch", "2", "--only", "euler_ancestral",
       "dpmpp_2m_sde"], 120),
+    ("bench_sde_noise.py", ["--rounds", "7"], ["--rounds", "2", "--steps", "10"], 60),
     ("bench_nets.py", ["--dtypes", "bfloat16", "--iters", "10"],
      ["--small", "--dtypes", "float32", "--models", "ddpmpp_cifar10"], 150),
     ("bench_train.py", ["--dtype", "bfloat16"],
@@ -37,9 +38,11 @@ RUNS = [
     ("bench_data.py", ["--resolutions", "32", "64", "--batch", "512", "--steps", "20"],
      ["--resolutions", "32", "--source", "arrays", "--num_images", "64", "--batch", "16",
       "--steps", "3", "--workers", "2"], 60),
-    ("bench_metrics.py", [], ["--small"], 60),
-    ("bench_edm2.py", [], ["--small"], 60),
-    ("bench_vae.py", [], ["--small"], 60),
+    ("bench_metrics.py", [], ["--tiny", "--num", "8", "--repeats", "1"], 60),
+    ("bench_edm2.py", ["--batch", "64", "--sample-batch", "64", "--dtype", "bfloat16"],
+     ["--channels", "32", "--steps", "4", "--iters", "1"], 90),
+    ("bench_vae.py", ["--resolutions", "256", "512", "--batch", "8"],
+     ["--resolutions", "64", "--reps", "1", "--tool-images", "8", "--tool-resolution", "64"], 90),
 ]  # fmt: skip
 
 # ../shared/ANCHORS.md: official NVlabs/edm + k-diffusion on one H100 (bf16 + torch.compile
