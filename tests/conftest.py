@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.monitoring
 import pytest
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -33,6 +34,23 @@ def fixtures_dir() -> Path:
 def sampler_fixture(fixtures_dir) -> dict:
     """The parsed samplers.json reference file."""
     return json.loads((fixtures_dir / "samplers.json").read_text())
+
+
+_COMPILES = {"n": 0}
+
+
+def _count(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["n"] += 1
+
+
+@pytest.fixture
+def compile_counter():
+    """Number of XLA backend compilations since the fixture started (a callable)."""
+    jax.monitoring.register_event_duration_secs_listener(_count)
+    start = _COMPILES["n"]
+    yield lambda: _COMPILES["n"] - start
+    jax.monitoring.unregister_event_duration_listener(_count)
 
 
 def pytest_configure(config):

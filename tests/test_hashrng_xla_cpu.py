@@ -39,7 +39,7 @@ def test_dropout_rate_zero_and_bad_rate():
         hashrng.dropout(jax.random.key(0), x, 1.0)
 
 
-FLAG = f"{xla_cpu.YNN_FLAG}={xla_cpu.YNN_WITHOUT_CONVOLUTION}"
+FLAG = f"{xla_cpu.YNN_FLAG}={xla_cpu.YNN_FUSIONS}"
 
 
 def test_xla_cpu_flag_added_where_safe():

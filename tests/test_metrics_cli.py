@@ -89,6 +89,20 @@ def gen_scorers():
     return _gen(8), _gen(4)
 
 
+def test_metrics_batches_after_the_first_compile_nothing(compile_counter):
+    """Generate-and-score again, with a partial last batch (20 = 8 + 8 + 4): no compilation."""
+    fresh = {n: _fake_detector(n) for n in FAKES}  # new jitted functions: the first run compiles
+    metrics = ("fid", "kid", "is")
+    first = evaluate.Scorer(metrics, fresh, 24, 8)
+    evaluate.generate_and_score(jax.random.key(0), PARAMS, MODEL, first, seeds=range(24), **SAMPLE)
+    before = compile_counter()
+    assert before > 0  # the counter sees the first run's compilations
+    scorer = evaluate.Scorer(metrics, fresh, 23, 8)
+    evaluate.generate_and_score(jax.random.key(1), PARAMS, MODEL, scorer, seeds=range(20), **SAMPLE)
+    scorer.add(np.zeros((3, 8, 8, 3), np.uint8), 20)  # images straight in, another partial batch
+    assert compile_counter() - before == 0
+
+
 def test_gen_over_8_devices_equals_1_device(gen_scorers):
     assert jax.local_device_count() == 8
     eight, one = gen_scorers

@@ -4,30 +4,12 @@ and repeated calls reuse their compiled programs."""
 import types
 
 import jax
-import jax.monitoring
 import numpy as np
-import pytest
 from test_api import MODEL, PARAMS, RNG
 from train_testlib import ROOT
 
 from edm_jax import api
 from edm_jax.train import grid
-
-_COMPILES = {"n": 0}
-
-
-def _count(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        _COMPILES["n"] += 1
-
-
-@pytest.fixture
-def compile_counter():
-    """Number of XLA backend compilations since the fixture started (a callable)."""
-    jax.monitoring.register_event_duration_secs_listener(_count)
-    start = _COMPILES["n"]
-    yield lambda: _COMPILES["n"] - start
-    jax.monitoring.unregister_event_duration_listener(_count)
 
 
 def test_imagenet64_grid_is_bounded_per_device():
