@@ -46,15 +46,27 @@ def _ms(fn, *args, repeats: int) -> float:
     return round(1e3 * statistics.median(times), 2)
 
 
-def _config(batch: int, channels: int):
+def study_config(batch: int, channels: int, blocks: int = 4, power_stds=(0.05, 0.1)):
+    """NVlabs' CPU comparison config: DDPM++ [1,2,2], 32x32, conditional, float32, no aug."""
     c = default_config()
     c.data.update(resolution=32, channels=3, use_labels=True)
     c.model.update(arch="ddpmpp_cifar10", dtype="float32")
-    c.model.net.update(model_channels=channels, channel_mult=(1, 2, 2))
+    c.model.net.update(model_channels=channels, channel_mult=(1, 2, 2), num_blocks=blocks)
     c.train.update(batch_size=batch, augment_p=0.0)
-    c.ema.update(power_stds=(0.05, 0.1))
+    c.ema.update(power_stds=tuple(power_stds))
     c.optim.lr_rampup_kimg = 0.0
     return c
+
+
+def study_setup(config):
+    """(model, one-device mesh, state shardings, initial state) of a study config."""
+    model = build_model_from_config(
+        config, types.SimpleNamespace(resolution=32, channels=3, num_classes=10)
+    )
+    mesh = make_mesh(jax.devices()[:1])
+    init = functools.partial(init_state, model=model, config=config)
+    shardings = state_sharding(jax.eval_shape(init, jax.random.key(0)), mesh)
+    return model, mesh, shardings, jax.jit(init, out_shardings=shardings)(jax.random.key(0))
 
 
 def conv_ms(batch: int, channels: int, repeats: int) -> dict:
@@ -78,14 +90,8 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    config = _config(a.batch, a.channels)
-    model = build_model_from_config(
-        config, types.SimpleNamespace(resolution=32, channels=3, num_classes=10)
-    )
-    mesh = make_mesh(jax.devices()[:1])
-    init = functools.partial(init_state, model=model, config=config)
-    shardings = state_sharding(jax.eval_shape(init, jax.random.key(0)), mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    config = study_config(a.batch, a.channels)
+    model, mesh, shardings, state = study_setup(config)
     kx, ky, kr = jax.random.split(jax.random.key(1), 3)
     batch = {"image": jax.random.uniform(kx, (a.batch, 32, 32, 3), minval=-1, maxval=1),
              "label": jax.random.randint(ky, (a.batch,), 0, 10)}  # fmt: skip

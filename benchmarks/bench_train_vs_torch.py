@@ -16,38 +16,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import statistics
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_train_breakdown import study_config, study_setup
 
-from edm_jax.train.config_io import default_config
-from edm_jax.train.state import init_state
-from edm_jax.train.step import batch_sharding, make_mesh, make_train_step, state_sharding
-from edm_jax.train.validate import build_model_from_config
+from edm_jax.train.step import batch_sharding, make_train_step
 
 
 def jax_step(batch: int, channels: int, blocks: int):
-    """(run one step, description) for edm_jax's jitted, donating train step."""
-    c = default_config()
-    c.data.update(resolution=32, channels=3, use_labels=True)
-    c.model.update(arch="ddpmpp_cifar10", dtype="float32")
-    c.model.net.update(model_channels=channels, channel_mult=(1, 2, 2), num_blocks=blocks)
-    c.train.update(batch_size=batch, augment_p=0.0)
-    c.optim.update(lr=1e-3, lr_rampup_kimg=0.0)
-    model = build_model_from_config(
-        c, types.SimpleNamespace(resolution=32, channels=3, num_classes=10)
-    )
-    mesh = make_mesh(jax.devices()[:1])
-    init = functools.partial(init_state, model=model, config=c)
-    shardings = state_sharding(jax.eval_shape(init, jax.random.key(0)), mesh)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    """(run one step, seconds of the first) for edm_jax's jitted, donating train step."""
+    c = study_config(batch, channels, blocks, power_stds=())  # NVlabs/edm keeps one EMA
+    c.optim.lr = 1e-3
+    model, mesh, shardings, state = study_setup(c)
     step = make_train_step(model, c, mesh, shardings)
     kx, ky = jax.random.split(jax.random.key(1))
     data = {"image": jax.random.uniform(kx, (batch, 32, 32, 3), minval=-1, maxval=1),
