@@ -49,7 +49,8 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
 
 
 # M. Giles, "Approximating the erfinv function" (GPU Computing Gems, 2011), single precision:
-# the same polynomials as XLA's erf_inv, written so that XLA:CPU vectorises them (5x faster).
+# XLA's erf_inv polynomials, written so that XLA:CPU vectorises them (per 1.7M values on our
+# CPU: 2.1 ms, against erf_inv's 7.4 ms with jaxlib's default flags, 3.0 ms with xla_cpu's).
 _ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06,
                    0.00021858087, -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)  # fmt: skip
 _ERFINV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844,
