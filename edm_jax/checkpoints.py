@@ -3,7 +3,7 @@
 A training workdir holds ``checkpoints/<step>/`` folders written by orbax (through
 ``edm_jax.train.checkpoint``): items ``state/``, ``data/``, ``config/`` and
 ``model_spec/`` (everything ``build_model`` needs), plus ``sha256.json``, the SHA-256 of
-every file of the step, written once the step has committed. Orbax writes a step to a
+every data file of the step, written before the step commits. Orbax writes a step to a
 temporary folder and renames it, so a folder named by its step number is complete.
 
 Readers here never write to or clean a workdir: they list the committed steps, verify
@@ -31,6 +31,7 @@ __all__ = [
     "model_from_spec",
     "quiet_orbax",
     "read_json_item",
+    "resolved_spec",
     "verify_manifest",
     "write_manifest",
 ]
@@ -71,9 +72,17 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
     return sorted(steps)
 
 
+# orbax's own bookkeeping, rewritten when the step commits (after the manifest is written)
+_UNSUMMED = (MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt")
+
+
 def _files(step_dir: Path) -> list[Path]:
-    """Every file of a step folder except the manifest, sorted."""
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Every data file of a step folder (not the manifest or orbax's commit records), sorted."""
+    return sorted(
+        p
+        for p in step_dir.rglob("*")
+        if p.is_file() and p.relative_to(step_dir).as_posix() not in _UNSUMMED
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -129,6 +138,21 @@ def model_from_spec(spec: dict) -> Any:
     encoder = spec.pop("encoder", None)  # latent models: (VAE preset or config, weights)
     model = build_model(arch, **spec, **net)
     return dataclasses.replace(model, encoder=tuple(encoder)) if encoder else model
+
+
+def resolved_spec(spec: dict) -> dict:
+    """A model spec with every settable field of its network filled (defaults included)."""
+    from edm_jax.nets.presets import net_fields, resolve_arch
+
+    net_cls, preset = resolve_arch(spec["arch"])
+    settable = set(net_fields(net_cls))
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(net_cls)
+        if f.name in settable and f.default is not dataclasses.MISSING
+    }
+    net = json.loads(json.dumps({**defaults, **preset, **spec["net"]}, default=str))
+    return {**spec, "net": net}
 
 
 def locate_checkpoint(path: str) -> tuple[Path, int | None]:
@@ -201,23 +225,37 @@ def _read_step(step_dir: Path) -> tuple[Any, Any, Any]:
     return model, _restore_ema(step_dir / "state"), config
 
 
+def _next_step(directory: Path, tried: set[int]) -> int | None:
+    """The newest committed step not tried yet, listed afresh (saves and rotation go on)."""
+    fresh = [s for s in committed_steps(directory) if s not in tried]
+    return fresh[-1] if fresh else None
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, Any]:
-    """(model, EMA params, config) of the newest readable committed step (or the one given)."""
+    """(model, EMA params, config) of the newest readable committed step (or the one given).
+
+    The step list is read again after each failure, so a reader keeps up with a run that
+    saves and rotates its checkpoints while it reads.
+    """
     quiet_orbax()
     directory, step = locate_checkpoint(os.path.abspath(path))  # orbax needs absolute paths
-    steps = committed_steps(directory) if step is None else [step]
-    if not steps:
+    if step is None and not committed_steps(directory):
         raise ValueError(f"no committed checkpoint in {path} (the run has not saved one yet)")
-    errors = []
-    for s in reversed(steps):
+    errors: list[str] = []
+    tried: set[int] = set()
+    s = step if step is not None else _next_step(directory, tried)
+    while s is not None and len(tried) < 64:
         try:
             return _read_step(directory / str(s))
-        except Exception as e:  # noqa: BLE001 - unreadable step: try the previous one
+        except Exception as e:  # noqa: BLE001 - unreadable step: try the next newest
             errors.append(f"step {s}: {e!r:.200}")
-            if step is None and s != steps[0]:
-                warnings.warn(
-                    f"checkpoint {directory / str(s)} is unreadable ({e!r:.200}); "
-                    "reading the previous one",
-                    stacklevel=2,
-                )
+            tried.add(s)
+            failed, reason = s, f"{e!r:.200}"
+        s = None if step is not None else _next_step(directory, tried)
+        if s is not None:
+            warnings.warn(
+                f"checkpoint {directory / str(failed)} is unreadable ({reason}); "
+                f"reading checkpoint {s}",
+                stacklevel=2,
+            )
     raise ValueError(f"no readable checkpoint in {path}: " + "; ".join(errors))

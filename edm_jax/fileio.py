@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "free_space"]
 
 _UMASK = os.umask(0o022)  # read the process umask once (set it straight back)
 os.umask(_UMASK)
@@ -53,3 +54,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     """Write text to path atomically."""
     with atomic_open(path, "w", encoding=encoding) as f:
         f.write(text)
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the disk holding path (or its nearest existing parent): '1.20 GiB free'."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        try:
+            return f"{shutil.disk_usage(p).free / 2**30:.2f} GiB free"
+        except OSError:
+            continue
+    return "free space unknown"

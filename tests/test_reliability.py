@@ -311,3 +311,132 @@ def test_sampler_inputs_are_checked():
         SAMPLERS["dpm_fast"](lambda x, s: x, x, 80.0, 0.002, 10)
     with pytest.raises(ValueError, match="sigma_max must be a finite number"):
         SAMPLERS["dpm_fast"](lambda x, s: x, x, 0.002, float("inf"), 10)
+
+
+# --------------------------------------------------------------------------- issue 25
+
+
+def test_network_and_precond_changes_are_refused_on_resume(interrupted, tmp_path):
+    """Keys the old config did not spell out count: label dropout, sigma_data, the spec."""
+    work = _copy(interrupted[0], tmp_path / "w")
+    config = _config()
+    config.model.net.label_dropout = 0.1
+    config.model.precond_kwargs.sigma_data = 0.25
+    config.model.net.channel_mult_emb = 2
+    with pytest.raises(ConfigChangedError) as e:
+        loop.train(config, work, print_summary=False)
+    msg = str(e.value)
+    assert "model.net.label_dropout: <unset> -> 0.1" in msg
+    assert "model.precond_kwargs.sigma_data: <unset> -> 0.25" in msg
+    assert "model spec net.channel_mult_emb: 4 -> 2" in msg
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["4", "5"]
+
+
+def _saved_tree(step_dir: Path):
+    import orbax.checkpoint as ocp
+
+    meta = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
+def test_restore_into_another_structure_is_one_error_and_renames_nothing(interrupted, tmp_path):
+    from edm_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+
+    work = _copy(interrupted[0], tmp_path / "w")
+    tree = _saved_tree(work / "checkpoints" / "5")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    target["params"]["extra"] = {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)}
+    ckpt = Checkpointer(work, use_async=False)
+    try:
+        with pytest.raises(CheckpointMismatchError) as e:
+            ckpt.restore_latest(target)
+    finally:
+        ckpt.close()
+    assert "\n" not in str(e.value) and "params/extra/kernel: absent -> float32[3, 3]" in str(
+        e.value
+    )
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["4", "5"]
+
+
+def test_a_step_without_manifest_is_not_trusted_when_older_ones_have_one(interrupted, tmp_path):
+    """A kill between orbax's commit and the manifest (older versions) plus a flipped byte:
+    the run resumes from the verified step before, bitwise equal to the uninterrupted run."""
+    workdir, out, _ = interrupted
+    work = _copy(workdir, tmp_path / "w")
+    (work / "checkpoints" / "5" / "sha256.json").unlink()
+    _flip_byte(work / "checkpoints" / "5")
+    with pytest.warns(UserWarning, match=r"5 is unverified \(it has no sha256.json"):
+        b = loop.train(_config(), work, stop_at_step=5, print_summary=False)
+    assert b["resumed_from"] == 4 and b["step"] == 5
+    assert len(list((work / "checkpoints").glob("5.unverified-*"))) == 1
+    for field in ("params", "ema", "opt_state", "rng", "step"):
+        assert tree_equal(getattr(out["state"], field), getattr(b["state"], field)), field
+
+
+def test_the_manifest_is_part_of_the_commit(tmp_path):
+    """Once orbax has committed an async save, its manifest is there (no finish() needed)."""
+    import jax.numpy as jnp
+
+    from edm_jax.checkpoints import verify_manifest
+    from edm_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path)
+    try:
+        state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(3)}
+        assert ckpt.save(3, state, {"pos": 1}, "{}", {"arch": "x"})
+        ckpt.manager.wait_until_finished()  # orbax alone: our finish() writes nothing more
+        step_dir = tmp_path / "checkpoints" / "3"
+        assert (step_dir / "sha256.json").exists() and verify_manifest(step_dir) is None
+    finally:
+        ckpt.close()
+
+
+def test_every_checkpoint_unreadable_refuses_and_keeps_the_history(interrupted, tmp_path):
+    from edm_jax.train.checkpoint import NoReadableCheckpointError
+
+    work = _copy(interrupted[0], tmp_path / "w")
+    for step in ("4", "5"):
+        _flip_byte(work / "checkpoints" / step)
+    stats = (work / "stats.jsonl").read_text()
+    with pytest.warns(UserWarning, match="is unreadable"):
+        with pytest.raises(NoReadableCheckpointError, match=r"steps 5, 4, moved aside"):
+            loop.train(_config(), work, print_summary=False)
+    assert (work / "stats.jsonl").read_text() == stats
+    assert committed_steps(work / "checkpoints") == []
+    assert len(list((work / "checkpoints").glob("*.unreadable-*"))) == 2
+
+
+def test_a_reader_keeps_up_with_rotation(interrupted, tmp_path, monkeypatch):
+    """While the reader fails on step 5, the run saves step 6 and rotates step 4 away."""
+    from edm_jax import checkpoints
+
+    work = _copy(interrupted[0], tmp_path / "w")
+    real = checkpoints._read_step
+
+    def read_step(step_dir):
+        if step_dir.name == "5":
+            shutil.copytree(step_dir, step_dir.parent / "6")
+            shutil.rmtree(step_dir.parent / "4")
+            raise OSError("deleted while reading")
+        return real(step_dir)
+
+    monkeypatch.setattr(checkpoints, "_read_step", read_step)
+    with pytest.warns(UserWarning, match="reading checkpoint 6"):
+        _, params, _ = api.load(work)
+    assert tree_equal(params, interrupted[1]["state"].ema)
+
+
+def test_a_corrupt_step_is_reported_once(interrupted, tmp_path, caplog):
+    """One warning, not a warning and a log line with the same text."""
+    from edm_jax.train.checkpoint import Checkpointer
+
+    work = _copy(interrupted[0], tmp_path / "w")
+    ckpt = Checkpointer(work, use_async=False)
+    try:
+        with caplog.at_level(logging.WARNING), pytest.warns(UserWarning) as record:
+            ckpt._move_aside(5, "a flipped byte")
+    finally:
+        ckpt.close()
+    said = [str(w.message) for w in record] + [r.getMessage() for r in caplog.records]
+    assert sum("a flipped byte" in m for m in said) == 1, said

@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 
 __all__ = [
+    "DECODE_ERRORS",
     "IMAGE_EXTENSIONS",
     "check_size",
     "decode_image",
@@ -26,6 +27,9 @@ __all__ = [
     "verify_image",
 ]
 
+# What decoding a bad file raises: PIL's DecompressionBombError (an image whose header claims
+# more than 2 x Image.MAX_IMAGE_PIXELS pixels) is not an OSError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _MODES = {1: "L", 3: "RGB"}
 
@@ -52,7 +56,7 @@ def read_header(data: bytes | str | os.PathLike, name: str) -> tuple[int, int]:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
         with PIL.Image.open(source) as img:
             return img.size
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
 
 
@@ -88,7 +92,7 @@ def decode_image(data: bytes | str | os.PathLike, resolution: int, channels: int
         with PIL.Image.open(source) as img:
             img.load()
             return fit_image(img, resolution, channels, name)
-    except (OSError, SyntaxError) as e:
+    except DECODE_ERRORS as e:
         raise ValueError(f"cannot decode image {name}: {e}") from e
 
 
@@ -111,11 +115,11 @@ def verify_image(data: bytes | str | os.PathLike, resolution: int, name: str) ->
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         img = PIL.Image.open(source)
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
     with img:
         check_size(img.size, resolution, name)
         try:
             img.load()
-        except (OSError, SyntaxError, ValueError) as e:
+        except DECODE_ERRORS as e:
             raise ValueError(f"cannot decode image {name}: {e}") from e

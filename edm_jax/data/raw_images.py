@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from edm_jax.data.images import IMAGE_EXTENSIONS
+from edm_jax.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS
 
 __all__ = ["RawImages", "open_raw"]
 
@@ -41,7 +41,7 @@ def _decode(data: bytes | Path, channels: int, name: str) -> np.ndarray:
             if img.mode == "P":
                 img = img.convert("RGBA")
             a = np.asarray(img.convert(_MODES[channels]), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise ValueError(f"cannot decode image {name}: {e}") from e
     return a.reshape(*a.shape[:2], channels)
 

@@ -190,8 +190,13 @@ class _ImageFolder:
     def _read(path: Path) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(path) as img:
-            return np.asarray(img)
+        from edm_jax.data.images import DECODE_ERRORS
+
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img)
+        except DECODE_ERRORS as e:
+            raise ValueError(f"cannot read image {path}: {e}") from e
 
     def __len__(self) -> int:
         return len(self.files)

@@ -94,9 +94,10 @@ def _lock(workdir: Path) -> WorkdirLock | None:
     return lock
 
 
-def _restore(ckpt: Checkpointer, config, shape, shardings):
+def _restore(ckpt: Checkpointer, config, spec: dict, shape, shardings):
     """Restore the newest readable step (None if none), saying which config changes it allows."""
-    restored = ckpt.restore_latest(abstract_state(shape, shardings), json.loads(to_json(config)))
+    target = abstract_state(shape, shardings)
+    restored = ckpt.restore_latest(target, json.loads(to_json(config)), spec=spec)
     if restored is not None and restored[3] and jax.process_index() == 0:
         print(f"resuming from step {restored[0]} with changed settings that are safe to "
               f"change: {'; '.join(restored[3])}", flush=True)  # fmt: skip
@@ -127,34 +128,40 @@ def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
     """setup() once the workdir is locked."""
     mesh = make_mesh(devices)
     trainer = Trainer.from_config(model, config)  # one optimizer for the state and the step
-    init = trainer.init
-    shape = jax.eval_shape(init, jax.random.key(0))
+    shape = jax.eval_shape(trainer.init, jax.random.key(0))
     shardings = state_sharding(shape, mesh, config.train.fsdp, config.train.fsdp_min_size)
-    ckpt = Checkpointer(
-        workdir, keep=config.log.keep_checkpoints, keep_period=config.log.keep_period_steps
-    )
-    try:
-        restored = _restore(ckpt, config, shape, shardings)
-    except BaseException:
-        ckpt.close()
-        raise
     pipeline = make_pipeline(
         source, global_batch_size=config.train.batch_size, seed=config.seed,
         num_workers=config.data.num_workers,
     )  # fmt: skip
+    ckpt = Checkpointer(
+        workdir, keep=config.log.keep_checkpoints, keep_period=config.log.keep_period_steps
+    )
+    run = Run(config, workdir, model, mesh, None, pipeline, None, ckpt, None, spec, lock)
+    try:
+        _start(run, trainer, shape, shardings)
+    except BaseException:
+        ckpt.close()  # its threads would otherwise print tracebacks at interpreter exit
+        pipeline.close()
+        raise
+    return run
+
+
+def _start(run: Run, trainer: Trainer, shape, shardings) -> None:
+    """Restore the newest readable step into run (or initialise the state); jit the step."""
+    config = run.config
+    restored = _restore(run.checkpointer, config, run.spec, shape, shardings)
     if restored is None:
         key = jax.random.key(config.seed)
-        init_fn = jax.jit(init, out_shardings=shardings).lower(key).compile(FAST_COMPILE)
-        state = init_fn(key)
+        init_fn = jax.jit(trainer.init, out_shardings=shardings).lower(key).compile(FAST_COMPILE)
+        run.state = init_fn(key)
     else:
-        state = restored[1]
-        pipeline.set_state(restored[2])
-        ckpt.last_saved = restored[0]
+        run.resumed_from, run.state, data_state = restored[0], restored[1], restored[2]
+        run.pipeline.set_state(data_state)
+        run.checkpointer.last_saved = restored[0]
     if jax.process_index() == 0:
-        atomic_write_text(workdir / "config.json", to_json(config))
-    step_fn = trainer.jit_step(mesh, shardings)
-    resumed = None if restored is None else restored[0]
-    return Run(config, workdir, model, mesh, state, pipeline, step_fn, ckpt, resumed, spec, lock)
+        atomic_write_text(run.workdir / "config.json", to_json(config))
+    run.step_fn = trainer.jit_step(run.mesh, shardings)
 
 
 class _StopFlag:

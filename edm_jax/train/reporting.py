@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from edm_jax.fileio import free_space
+
 __all__ = ["NonFiniteLossError", "Reporter", "append_line", "repair_stats", "summarize_rows"]
 
 
@@ -24,14 +26,27 @@ def summarize_rows(rows: list[dict]) -> dict:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one whole line with a single O_APPEND write (a crash leaves no half line)."""
+    """Append one whole line with a single O_APPEND write (a crash leaves no half line).
+
+    A failed write raises OSError naming the file and the free space.
+    """
     data = (line + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if os.write(fd, data) != len(data):
-            raise OSError(f"short write to {path} (disk full?)")
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError("short write (disk full?)")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise OSError(f"appending to {path} failed ({reason}); {free_space(path)}") from e
+
+
+def _json_row(row: dict) -> str:
+    """A row as strict JSON: non-finite numbers (an infinite grad_norm) become null."""
+    clean = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 def repair_stats(path: Path, start_step: int) -> None:
@@ -107,7 +122,7 @@ class Reporter:
         return row
 
     def _write(self, row: dict) -> None:
-        append_line(self.workdir / "stats.jsonl", json.dumps(row))
+        append_line(self.workdir / "stats.jsonl", _json_row(row))
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":

@@ -6,6 +6,7 @@ Every error is a ValueError that names the config key, the bad value and the val
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -81,9 +82,27 @@ def _check_net(config: ml_collections.ConfigDict) -> None:
     _choice("data.name", config.data.name, SOURCES)
 
 
+def _finite(config: ml_collections.ConfigDict, *keys: str) -> None:
+    """Raise ValueError naming the first key whose value is not a finite number."""
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(f"config.{key} must be a finite number > 0, got {value!r}")
+
+
+def _check_seed(seed) -> None:
+    """config.seed is an int in [0, 2**32) (the data order and the initial weights use it)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"config.seed must be an int in [0, 2**32), got {seed!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Check names, numbers and the batch split over devices; no data is read."""
     _check_net(config)
+    _check_seed(config.seed)
+    _finite(config, "train.total_kimg", "optim.lr_rampup_kimg", "ema.halflife_kimg")
+    _finite(config, "log.sample_every_kimg")
     _positive(config, "train.batch_size", "train.grad_accum", "train.total_kimg", "optim.lr")
     _positive(config, "log.log_every_steps", "log.checkpoint_every_steps", "log.sample_grid")
     _positive(config, "log.keep_checkpoints", "log.sample_steps")
