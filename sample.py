@@ -54,9 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-63 or 1,5,7-9"
     )
     p.add_argument("--batch", type=int, default=64, help="images per batch")
-    p.add_argument(
-        "--class", dest="class_idx", type=int, default=None, help="class label [default: random]"
-    )
+    p.add_argument("--class", dest="class_idx", default=None,
+                   help="class index or name (folder datasets) [default: random]")  # fmt: skip
+    p.add_argument("--option", action="append", default=[], metavar="K=V",
+                   help="sampler option, e.g. --option s_churn=40 (see --list-samplers)")  # fmt: skip
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument(
         "--outdir", default="samples", help="where to write PNGs, grid.png and samples.npz"
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only for sigma in [LO, HI] (Kynkaanniemi et al. 2024)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--list-samplers", action="store_true", help="print the sampler names and exit")
+    p.add_argument("--list-samplers", action="store_true",
+                   help="print the samplers with their options and defaults, and exit")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
     args = p.parse_args(argv)
     if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
@@ -94,7 +96,7 @@ def write_outputs(outdir: Path, images: np.ndarray, seeds, labels) -> None:
     for seed, img in zip(seeds, pixels, strict=True):
         pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         _atomic_write(outdir / f"{seed:06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
-    grid = image_grid(pixels)
+    grid = image_grid(pixels, min_tile=32)  # small images upscaled, as the training grids
     grid_pil = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     _atomic_write(outdir / "grid.png", lambda f: grid_pil.save(f, format="PNG"))
     extra = {} if labels is None else {"labels": np.asarray(labels)}
@@ -104,14 +106,83 @@ def write_outputs(outdir: Path, images: np.ndarray, seeds, labels) -> None:
     )
 
 
+def parse_options(items: list[str]) -> dict:
+    """['s_churn=40', 'eta=0'] -> {'s_churn': 40, 'eta': 0} (numbers, true/false, else text)."""
+    import ast
+
+    options = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--option {item!r} must be K=V, e.g. --option s_churn=40")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            options[key.strip()] = lowered == "true"
+            continue
+        try:
+            options[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = text.strip()
+    return options
+
+
+def list_samplers() -> str:
+    """One line per sampler: name, what it takes, options with defaults (SAMPLER_INFO)."""
+    from edm_jax.samplers import SAMPLER_INFO
+
+    lines = []
+    for name, info in sorted(SAMPLER_INFO.items()):
+        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items()) or "no options"
+        kind = "stochastic" if info.stochastic else "deterministic"
+        lines.append(f"{name:<20} {kind:<13} {opts}")
+    lines.append(
+        "edm_sampler, ablation_sampler: NVlabs/edm's functions with its own signature, "
+        "called from Python (edm_jax.samplers); here use heun (edm_sampler) or heun_sde "
+        "(edm_sampler with S_churn, via --option s_churn=...)"
+    )
+    return "\n".join(lines)
+
+
 def check_numbers(args: argparse.Namespace) -> None:
-    """Finite sigma range, rho and guidance scale, before anything is loaded."""
+    """Finite sigma range, rho and guidance scale, steps and batch, before anything is loaded."""
     from edm_jax.samplers.checks import check_range, check_scalar, check_seeds
 
     check_range(args.sigma_min, args.sigma_max)
     check_scalar("--rho", args.rho, positive=True, allow_zero=False)
     check_scalar("--cfg-scale", args.cfg_scale)
     check_seeds(args.seeds)
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} must be an int >= 1, got {value}")
+
+
+def resolve_class(model, value: str | None):
+    """--class as a class index, or a class name of a folder dataset the run saved."""
+    if value is None:
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    names = list(getattr(model, "class_names", ()) or ())
+    if value in names:
+        return names.index(value)
+    from edm_jax.checks import did_you_mean
+
+    if not names:
+        raise ValueError(f"--class {value!r}: this model has no class names; give an index")
+    raise ValueError(
+        f"--class {value!r} is not a class{did_you_mean(value, names)}; valid: {names}"
+    )
+
+
+def warn_cfg_without_dropout(model, args: argparse.Namespace) -> None:
+    """A warning when --cfg-scale guides with an unconditional branch that was never trained."""
+    dropout = getattr(getattr(model, "net", None), "label_dropout", None)
+    if args.cfg_scale != 1.0 and not args.guide and dropout == 0:
+        print(
+            f"warning: --cfg-scale {args.cfg_scale} on a model trained without label dropout "
+            "(model.net.label_dropout=0): its unconditional output was never trained",
+            file=sys.stderr,
+        )
 
 
 # Errors a user can fix: one line, exit 2.
@@ -135,11 +206,14 @@ def _main(args: argparse.Namespace) -> int:
     from edm_jax import api
 
     if args.list_samplers:
-        print("\n".join(api.sampler_names()))
+        print(list_samplers())
         return 0
     check_numbers(args)
-    api.check_sample_args(sampler=args.sampler, num_steps=args.steps, batch_size=args.batch)
+    options = parse_options(args.option)
+    api.check_sample_args(args.sampler, args.steps, args.batch, **options)
     model, params, _ = api.load(args.workdir or args.checkpoint or args.reference_npz)
+    class_idx = resolve_class(model, args.class_idx)
+    warn_cfg_without_dropout(model, args)
     if args.guide:  # autoguidance / EDM2 CFG: checked against the main model before compute
         from edm_jax.guidance import GuidedModel
 
@@ -149,12 +223,12 @@ def _main(args: argparse.Namespace) -> int:
     import jax
 
     rng = jax.random.key(0)
-    labels = api.class_labels(rng, model, args.seeds, args.class_idx)  # validates --class
+    labels = api.class_labels(rng, model, args.seeds, class_idx)  # validates --class
     images = api.sample(
         rng, params, model, seeds=args.seeds, sampler=args.sampler,
         num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
         labels=labels, cfg_scale=args.cfg_scale, batch_size=args.batch,
-        progress=not args.no_progress,
+        progress=not args.no_progress, **options,
     )  # fmt: skip
     write_outputs(Path(args.outdir), images, args.seeds, labels)
     print(f"wrote {len(args.seeds)} images, grid.png and samples.npz to {args.outdir}")

@@ -10,6 +10,7 @@ with another config) prints one line ``error: ...`` and exits 2; a run that cann
 the full traceback instead.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -38,6 +39,23 @@ def _one_line(e: BaseException) -> str:
     return "error: " + " ".join(text.split())
 
 
+_TYPES = {"int()": "an int", "float": "a float", "bool": "a bool (true/false)"}
+
+
+def _flag_message(text: str) -> str:
+    """absl's flag error without repeated prefixes, naming the config key and expected type."""
+    m = re.match(r"flag --config=(\S+): (?:config \1: )?(.*)", text)
+    if m:
+        return f"config {m.group(1)}: {m.group(2)}"
+    m = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
+    if m:
+        kind = next((t for k, t in _TYPES.items() if k in m.group(3)), None)
+        if kind:
+            return f"{m.group(1)}={m.group(2)!r} must be {kind}"
+        return f"{m.group(1)}={m.group(2)!r}: {m.group(3)}"
+    return text
+
+
 def parse_flags(argv):
     """absl flag parsing; a bad flag or config prints one line and exits 2 (unless --debug)."""
     try:
@@ -45,7 +63,7 @@ def parse_flags(argv):
     except (flags.Error, AttributeError, *USER_ERRORS) as e:
         if "--debug" in argv:
             raise
-        line = _one_line(e)
+        line = "error: " + _flag_message(_one_line(e)[len("error: ") :])
         if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown override key
             key = str(e).strip("'\" ")
             arg = next((a for a in argv[1:] if key and key in a), "")

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import guidance, schedules
-from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, sampler_info
+from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, canonical_name, sampler_info
 from edm_jax.samplers.checks import MAX_SEED, check_range, check_scalar
 from edm_jax.types import Array
 
@@ -249,13 +249,20 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.asarray(images, np.float32) * 127.5 + 128, 0, 255).astype(np.uint8)
 
 
-def image_grid(pixels: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """[N, H, W, C] -> one [rows*H, cols*W, C] image (missing cells black)."""
+def image_grid(pixels: np.ndarray, cols: int | None = None, min_tile: int = 1) -> np.ndarray:
+    """[N, H, W, C] -> one [rows*H*s, cols*W*s, C] image (missing cells black).
+
+    Each tile is repeated s = ceil(min_tile / H) times per axis (nearest), so that small
+    images (8x8 digits) are visible; the training grids use min_tile=32.
+    """
     n, h, w, c = pixels.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
+    s = max(1, -(-min_tile // h))
     full = np.zeros([rows * cols, h, w, c], pixels.dtype)
     full[:n] = pixels
+    full = full.repeat(s, axis=1).repeat(s, axis=2)
+    h, w = h * s, w * s
     return full.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
@@ -315,6 +322,7 @@ def sample(
     [-1, 1] unless ``model.clip_output`` is False (latent models, wrapped models).
     """
     check_sample_args(sampler, num_steps, batch_size, **sampler_options)
+    sampler = canonical_name(sampler)  # k-diffusion's 'sample_euler' spelling too
     check_scalar("cfg_scale", cfg_scale)
     check_scalar("rho", rho, positive=True, allow_zero=False)
     seed_arr = _resolve_seeds(num_samples, seeds)

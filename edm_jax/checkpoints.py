@@ -136,7 +136,9 @@ def model_from_spec(spec: dict) -> Any:
     spec.pop("version", None)
     arch = spec.pop("arch")
     encoder = spec.pop("encoder", None)  # latent models: (VAE preset or config, weights)
+    names = tuple(spec.pop("class_names", None) or ())  # folder datasets: class names
     model = build_model(arch, **spec, **net)
+    model = dataclasses.replace(model, class_names=names) if names else model
     return dataclasses.replace(model, encoder=tuple(encoder)) if encoder else model
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
+from edm_jax.checks import did_you_mean
 from edm_jax.data.sources import (
     FolderSource,
     ImageSource,
@@ -14,7 +16,7 @@ from edm_jax.data.sources import (
 )
 from edm_jax.data.tfds_source import TfdsSource
 
-__all__ = ["SOURCES", "load_source"]
+__all__ = ["PATH_SOURCES", "SOURCES", "describe_source", "load_source"]
 
 
 def _digits(cfg: Mapping, **kw) -> ImageSource:
@@ -60,14 +62,51 @@ SOURCES: dict[str, Callable[..., ImageSource]] = {
 }
 
 
+PATH_SOURCES = ("folder", "zip", "npz", "latents")  # the sources that read data.path
+
+
+def _source_name(data_cfg: Mapping) -> str:
+    """data.name checked against data.path: a path only where it is read; folder vs zip by it."""
+    name, path = data_cfg.get("name"), str(data_cfg.get("path") or "")
+    if name not in SOURCES:
+        raise ValueError(f"unknown data.name {name!r}{did_you_mean(name, SOURCES)}; "
+                         f"valid: {sorted(SOURCES)}")  # fmt: skip
+    if path and name not in PATH_SOURCES:
+        raise ValueError(
+            f"config.data.path={path!r} is not read by data.name={name!r}; set data.name to "
+            f"one of {list(PATH_SOURCES)} (an image folder or an NVlabs/edm zip: 'folder' or "
+            "'zip', told apart by the path), or drop data.path"
+        )
+    if name in ("folder", "zip") and path:  # the path says which it is
+        if os.path.isdir(path):
+            return "folder"
+        if path.lower().endswith(".zip"):
+            return "zip"
+    return name
+
+
+def describe_source(source: ImageSource, data_cfg: Mapping) -> str:
+    """The one start line: source, path, image count, classes (with names), shape."""
+    name, path = data_cfg.get("name"), data_cfg.get("path") or ""
+    where = f" {path}" if path else ""
+    names = list(getattr(source, "class_names", None) or [])
+    if source.num_classes:
+        shown = names[:10] + (["..."] if len(names) > 10 else [])
+        classes = f"{source.num_classes} classes" + (f" ({', '.join(shown)})" if names else "")
+    else:
+        classes = "unlabelled"
+    r = source.resolution
+    return f"data: {name}{where}: {len(source)} images, {classes}, {r}x{r}x{source.channels}"
+
+
 def load_source(data_cfg: Mapping) -> ImageSource:
     """Build the source named by data_cfg['name'] at data_cfg['resolution'] / ['channels'].
 
     Optional keys: 'cache' (decode everything into RAM once), 'split', 'tfds_data_dir'.
+    'folder' and 'zip' are told apart by the path (a directory or a .zip file); a data.path
+    that the named source does not read is an error.
     """
-    name = data_cfg.get("name")
-    if name not in SOURCES:
-        raise ValueError(f"unknown data.name {name!r}; valid: {sorted(SOURCES)}")
+    name = _source_name(data_cfg)
     resolution, channels = data_cfg.get("resolution"), data_cfg.get("channels", 3)
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise ValueError(f"data.resolution must be a positive int, got {resolution!r}")

@@ -350,4 +350,6 @@ def cache_in_memory(source: ImageSource, chunk: int = 1024) -> ArraySource:
         name=f"cached {source!r}",
     )
     cached.num_classes = source.num_classes  # declared classes may exceed the largest label
+    if getattr(source, "class_names", None):
+        cached.class_names = source.class_names
     return cached

@@ -304,5 +304,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad input: one line, exit 2 (as every CLI here)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)

@@ -331,6 +331,10 @@ def check_eval_config(config) -> None:
     every = ev.every_kimg
     if isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0:
         raise ValueError(f"config.eval.every_kimg must be a number >= 0 (0: off), got {every!r}")
+    try:  # checked even while evaluation is off: a typo shows now, not when it is turned on
+        api.check_sample_args(ev.sampler, ev.steps, ev.batch_size)
+    except ValueError as e:
+        raise ValueError(f"config.eval: {e}") from None
     if every == 0:
         return
     metrics = check_metrics(ev.metrics)
@@ -338,7 +342,6 @@ def check_eval_config(config) -> None:
         raise ValueError(
             f"config.eval.num must be an int >= 2 (images per evaluation), got {ev.num!r}"
         )
-    api.check_sample_args(ev.sampler, ev.steps, ev.batch_size)
     check_weights(metrics, ev.weights)
     if set(metrics) - {"is"}:
         if not ev.ref:

@@ -87,6 +87,7 @@ class DiffusionModel:
     self_cond: bool = False
     patch_size: int = 1
     encoder: tuple[str, str] | None = None  # latent model: (VAE preset/config.json, .npz)
+    class_names: tuple[str, ...] = ()  # names of the label_dim classes (folder datasets)
 
     def init(self, rng: Array) -> dict:
         """Float32 parameters pytree, from a batch-1 dummy input."""

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from edm_jax.checks import did_you_mean
 from edm_jax.samplers.core import ancestral_step, to_d
 from edm_jax.samplers.dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from edm_jax.samplers.edm import ablation_sampler, edm_sampler, sample_heun_sde
@@ -97,11 +98,22 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
 SAMPLERS: dict[str, Callable] = {name: info.fn for name, info in SAMPLER_INFO.items()}
 
 
+def canonical_name(name: str) -> str:
+    """A registry name from k-diffusion's function spelling too ('sample_euler' -> 'euler')."""
+    if name not in SAMPLER_INFO and name.startswith("sample_") and name[7:] in SAMPLER_INFO:
+        return name[7:]
+    return name
+
+
 def sampler_info(name: str) -> SamplerInfo:
-    """The registry entry called `name`; ValueError listing every valid name otherwise."""
-    if name not in SAMPLER_INFO:
-        raise ValueError(f"unknown sampler {name!r}; valid: {sorted(SAMPLER_INFO)}")
-    return SAMPLER_INFO[name]
+    """The registry entry called `name` (or 'sample_<name>'); ValueError with did-you-mean."""
+    key = canonical_name(name)
+    if key not in SAMPLER_INFO:
+        raise ValueError(
+            f"unknown sampler {name!r}{did_you_mean(name, SAMPLER_INFO)}; "
+            f"valid: {sorted(SAMPLER_INFO)}"
+        )
+    return SAMPLER_INFO[key]
 
 
 def get_sampler(name: str) -> Callable:
@@ -110,6 +122,7 @@ def get_sampler(name: str) -> Callable:
 
 
 __all__ = [
+    "canonical_name",
     "SAMPLERS",
     "SAMPLER_INFO",
     "SamplerInfo",

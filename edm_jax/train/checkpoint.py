@@ -139,6 +139,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 def spec_changes(old: dict, new: dict) -> list[str]:
     """'model spec key: old -> new' lines between two model specs, defaults resolved (refused)."""
     a, b = _flatten(resolved_spec(old)), _flatten(resolved_spec(new))
+    if "class_names" not in old:  # saved by versions that did not record class names
+        b = {k: v for k, v in b.items() if k != "class_names"}
     return [f"model spec {line}" for _, line in _differences(a, b)]
 
 

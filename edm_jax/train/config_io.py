@@ -280,14 +280,57 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ValueError(f"config {spec}: {e}") from None
 
 
+NET_SECTION = "model.net."
+
+
+def _net_defaults(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Every settable field of config.model.arch's network with its (preset) default."""
+    import dataclasses
+
+    from edm_jax.nets.presets import net_fields, resolve_arch
+
+    try:
+        net_cls, preset = resolve_arch(config.model.arch)
+    except ValueError:
+        return {}  # validate_config names the bad arch
+    settable = set(net_fields(net_cls))
+    fields = {f.name: f.default for f in dataclasses.fields(net_cls) if f.name in settable}
+    return {k: v for k, v in {**fields, **preset}.items() if v is not dataclasses.MISSING}
+
+
+def add_net_fields(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Give config.model.net the network fields named by --config.model.net.<field> overrides.
+
+    A field the config file did not set gets its default, so that the override parses to
+    its type; a name that is no field of the network is an error with "did you mean".
+    """
+    defaults = _net_defaults(config)
+    for path in overrides:
+        if not path.startswith(NET_SECTION) or not defaults:
+            continue
+        key = path[len(NET_SECTION) :].split(".")[0]
+        if key in config.model.net:
+            continue
+        if key not in defaults:
+            raise ValueError(
+                f"unknown config key 'model.net.{key}'{did_you_mean(key, defaults)}: not a field "
+                f"of the {config.model.arch!r} network; valid: {sorted(defaults)}"
+            )
+        value = defaults[key]
+        config.model.net[key] = tuple(value) if isinstance(value, list) else value
+
+
 class _AnyConfigParser(config_flags.ConfigFileFlagParser):
     """config_flags' file parser that also reads .yaml/.json files holding the same keys."""
+
+    overrides: list[str] = []  # the --config.<key> overrides about to be applied
 
     def parse(self, path):
         """Load path with load_config (.py[:arg], .yaml/.yml, .json), locked."""
         if not isinstance(path, str):
             return super().parse(path)
         config = load_config(path)
+        add_net_fields(config, self.overrides)
         if self._lock_config:
             config.lock()
         return config
@@ -314,6 +357,7 @@ class _ConfigFlag(config_flags._ConfigFlag):  # noqa: SLF001 - the only way to s
     def _parse(self, argument):
         from absl import flags
 
+        self.parser.overrides = self._GetOverrides(self._GetArgv())
         try:
             return super()._parse(argument)
         except (AttributeError, KeyError) as e:

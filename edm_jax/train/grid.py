@@ -84,14 +84,8 @@ def make_grid_sampler(
 
 def tile_images(images: np.ndarray, cols: int, min_tile: int = 32) -> np.ndarray:
     """[n,H,W,C] in [-1,1] -> uint8 grid [rows*H*s, cols*W*s, C], s upscales tiles to min_tile."""
-    n, H, W, C = images.shape
-    rows = -(-n // cols)
-    s = max(1, -(-min_tile // H))
     x = api.to_uint8(images)  # the package's one quantisation (NVlabs: x * 127.5 + 128)
-    x = np.concatenate([x, np.zeros((rows * cols - n, H, W, C), np.uint8)])
-    x = x.repeat(s, axis=1).repeat(s, axis=2)
-    x = x.reshape(rows, cols, H * s, W * s, C).transpose(0, 2, 1, 3, 4)
-    return x.reshape(rows * H * s, cols * W * s, C)
+    return api.image_grid(x, cols, min_tile=min_tile)
 
 
 def save_grid(path: str | Path, images: np.ndarray, cols: int) -> Path:

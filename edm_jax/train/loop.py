@@ -22,7 +22,7 @@ import numpy as np
 
 from edm_jax.checkpoints import model_from_spec
 from edm_jax.data.augment import augment_dim
-from edm_jax.data.load import load_source
+from edm_jax.data.load import describe_source, load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.fileio import atomic_write_text
 from edm_jax.metrics.evaluate import make_evaluator
@@ -82,7 +82,15 @@ def model_spec(config: ml_collections.ConfigDict, source) -> dict:
         "patch_size": config.model.patch_size, "net": net,
         "encoder": [config.data.encoder, config.data.encoder_weights]
         if config.data.get("encoder", "") else None,
+        **({"class_names": list(source.class_names)}
+           if config.data.use_labels and getattr(source, "class_names", None) else {}),
     }))  # fmt: skip
+
+
+def _say(line: str) -> None:
+    """One line on stdout from the primary process (start, resume, compile, stop)."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def _lock(workdir: Path) -> WorkdirLock | None:
@@ -111,6 +119,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     check_numbers_and_platform(config, devices)
     source = load_source(config.data)
     validate_data(config, source)
+    _say(describe_source(source, config.data))
     spec = model_spec(config, source)
     model = model_from_spec(spec)
     workdir = Path(workdir)
@@ -159,6 +168,7 @@ def _start(run: Run, trainer: Trainer, shape, shardings) -> None:
         run.resumed_from, run.state, data_state = restored[0], restored[1], restored[2]
         run.pipeline.set_state(data_state)
         run.checkpointer.last_saved = restored[0]
+        _say(f"resumed from step {restored[0]} of {total_steps(config)}")
     if jax.process_index() == 0:
         atomic_write_text(run.workdir / "config.json", to_json(config))
     run.step_fn = trainer.jit_step(run.mesh, shardings)
@@ -255,6 +265,8 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
     info["grid"] = _maybe_grid(run, sampler, step, None) if step == 0 else None
     grid_step = step if info["grid"] else None
     evaluate = make_evaluator(run)  # eval.every_kimg: FID etc. (no-op when off)
+    if step < total:
+        _say(f"compiling the train step (the first step takes a while), then {total - step} steps")
     while step < total:
         run.checkpointer.check()  # a failed background save stops the run now
         preempted = stop.set or run.checkpointer.reached_preemption(step)
@@ -302,7 +314,9 @@ def train(
     try:
         with _StopFlag() as stop:
             info = _loop(run, reporter, stop, stop_at_step)
-        run.checkpointer.wait()
+            run.checkpointer.wait()
+        if info["status"].startswith("stopped"):
+            _say(f"stopped at step {info['step']}; rerun the same command to resume")
         info["checkpoint"] = str(run.checkpointer.directory)
         info["params"] = run.model.num_params(jax.device_get(run.state.params))
         text = reporter.summary(info)
