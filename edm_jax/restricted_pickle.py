@@ -1,0 +1,565 @@
+"""The one restricted unpickler: pickles from elsewhere are read as data, never executed.
+
+A small pickle-opcode interpreter written out here, not ``pickle.Unpickler``: nothing is
+ever imported or looked up by name. A global is an exact ``(module, name)`` pair of an
+allow-list (``NUMPY_GLOBALS``, extended by callers such as ``nets/reader.py`` with torch's
+tensor rebuilders); it resolves to an ``Allowed`` entry whose checked function rebuilds a
+plain value from plain arguments. REDUCE / NEWOBJ run only those functions, BUILD only
+restores the state of NumPy arrays and dtypes (validated first) and of attribute records.
+Everything else (INST / OBJ / EXT opcodes, out-of-band buffers, any other global or
+callable, persistent ids without a hook) raises ``UnsafePickleError`` naming what was refused.
+
+The result is plain nested data: dict / list / tuple / set / str / bytes / int / float /
+bool / None / NumPy arrays, scalars and dtypes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import numpy as np
+
+__all__ = ["NUMPY_GLOBALS", "Allowed", "Record", "UnsafePickleError", "Unpickler", "loads"]
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle that asks for more than plain data, or is malformed."""
+
+
+class Record(dict):
+    """The attributes of a pickled object of an allowed record class (e.g. a TorchScript module)."""
+
+    def __init__(self, qualname: str):
+        super().__init__()
+        self.qualname = qualname
+
+
+class Allowed:
+    """One allowed global: ``call`` rebuilds a value from checked arguments; ``value`` if bare."""
+
+    __slots__ = ("call", "newobj", "qualname", "value")
+
+    def __init__(self, qualname: str, call: Callable[..., Any] | None = None,
+                 value: Any = None, newobj: bool = False):  # fmt: skip
+        self.qualname, self.call, self.value, self.newobj = qualname, call, value, newobj
+
+    def __repr__(self) -> str:
+        return f"<allowed {self.qualname}>"
+
+
+def _fail(msg: str) -> NoReturn:
+    """Raise UnsafePickleError(msg)."""
+    raise UnsafePickleError(msg)
+
+
+# ---- NumPy rebuilders (argument-checked; numpy/_core/multiarray.py, numeric.py) ----
+
+_DTYPE_SPECS = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16")
+
+
+def _ints(x: Any, what: str) -> tuple[int, ...]:
+    """x as a tuple of non-negative ints, else UnsafePickleError."""
+    if not isinstance(x, tuple) or not all(type(i) is int and i >= 0 for i in x):
+        _fail(f"{what} must be a tuple of non-negative ints, got {x!r:.80}")
+    return x
+
+
+def _plain_dtype(dt: Any, what: str) -> np.dtype:
+    """dt if it is a numeric or bool NumPy dtype without fields, else UnsafePickleError."""
+    if not isinstance(dt, np.dtype) or dt.kind not in "biufc" or dt.fields or dt.subdtype:
+        _fail(f"{what}: only numeric/bool NumPy dtypes are allowed, got {dt!r:.80}")
+    return dt
+
+
+def _as_bytes(raw: Any, what: str) -> bytes | bytearray:
+    """raw as bytes (a Python-2 str is latin-1 bytes), else UnsafePickleError."""
+    if isinstance(raw, str):
+        return raw.encode("latin-1")
+    if not isinstance(raw, (bytes, bytearray)):
+        _fail(f"{what} must be bytes, got {type(raw).__name__}")
+    return raw
+
+
+def _np_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """numpy.dtype(spec, align, copy) for a plain numeric spec only (a fresh copy)."""
+    if spec not in _DTYPE_SPECS or not isinstance(align, bool) or not isinstance(copy, bool):
+        _fail(f"numpy.dtype{(spec, align, copy)!r:.80}: spec must be one of {list(_DTYPE_SPECS)}")
+    return np.dtype(spec, False, True)
+
+
+def _np_reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's _reconstruct(ndarray, (0,), b'b'): an empty array that BUILD will fill."""
+    if cls is not NUMPY_GLOBALS["numpy", "ndarray"] or _ints(shape, "shape") != (0,):
+        _fail(f"_reconstruct may only make a plain numpy.ndarray, got {cls!r:.60}, {shape!r:.40}")
+    _as_bytes(dtype, "_reconstruct dtype")
+    return np.empty((0,), np.uint8)
+
+
+def _np_scalar(dtype: Any, raw: Any) -> np.generic:
+    """numpy's scalar(dtype, raw): one numeric value from its bytes."""
+    dtype = _plain_dtype(dtype, "numpy scalar")
+    raw = _as_bytes(raw, "numpy scalar data")
+    if len(raw) != dtype.itemsize:
+        _fail(f"numpy scalar of {dtype} needs {dtype.itemsize} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype)[0]
+
+
+def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """numpy's _frombuffer(buf, dtype, shape, order) (protocol 5 in-band): a copied array."""
+    buf, dtype = _as_bytes(buf, "_frombuffer data"), _plain_dtype(dtype, "_frombuffer")
+    shape = _ints(shape, "_frombuffer shape")
+    if order not in ("C", "F") or len(buf) != dtype.itemsize * int(np.prod(shape)):
+        _fail(f"_frombuffer: {len(buf)} bytes, order {order!r:.10} do not make {dtype}{shape}")
+    return np.frombuffer(buf, dtype).reshape(shape, order=order).copy(order="K")
+
+
+def _set_array_state(arr: np.ndarray, state: Any) -> None:
+    """ndarray.__setstate__ after checking (version, shape, dtype, is_fortran, raw bytes)."""
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        _fail(f"ndarray state must be (version, shape, dtype, is_fortran, data), got {state!r:.80}")
+    version, shape, dtype, fortran, raw = state if len(state) == 5 else (1, *state)
+    shape, dtype = _ints(shape, "ndarray shape"), _plain_dtype(dtype, "ndarray")
+    raw = _as_bytes(raw, "ndarray data")
+    if version != 1 or not isinstance(fortran, bool) or arr.shape != (0,):
+        _fail(f"ndarray state version {version!r:.10}, is_fortran {fortran!r:.10} refused")
+    if len(raw) != dtype.itemsize * int(np.prod(shape)):
+        _fail(f"ndarray of {dtype}{shape} needs {dtype.itemsize * int(np.prod(shape))} bytes")
+    arr.__setstate__((1, shape, dtype, fortran, bytes(raw)))  # type: ignore[arg-type]
+
+
+def _set_dtype_state(dt: np.dtype, state: Any) -> None:
+    """dtype.__setstate__ for the plain form (3, byteorder, None, None, None, -1, -1, 0) only."""
+    plain = isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+    if not plain or state[1] not in ("<", ">", "|", "=") or state[2:] != (None,) * 3 + (-1, -1, 0):
+        _fail(f"dtype state {state!r:.80} is not a plain numeric dtype's")
+    dt.__setstate__(state)  # type: ignore[attr-defined]
+
+
+# ---- builtins for plain containers (protocol-2 spellings included) ----
+
+
+def _container(kind: type) -> Callable[..., Any]:
+    """kind() or kind(items) for list / set / frozenset / dict / OrderedDict of plain items."""
+
+    def make(*args: Any) -> Any:
+        if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
+            _fail(f"{kind.__name__}{args!r:.60}: expected () or one list/tuple")
+        return kind(*args)
+
+    return make
+
+
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """_codecs.encode(str, 'latin1'): how protocol 2 stores bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        _fail(f"_codecs.encode{(text, encoding)!r:.60}: only (str, 'latin1') is allowed")
+    return text.encode("latin-1")
+
+
+def _bytes_like(kind: type) -> Callable[..., Any]:
+    """bytes() / bytearray() of nothing, of bytes, or of (str, 'latin-1')."""
+
+    def make(*args: Any) -> Any:
+        return kind(
+            _encode(*args) if len(args) == 2 else _as_bytes(args[0] if args else b"", kind.__name__)
+        )
+
+    return make
+
+
+def _dtype_class(name: str, spec: str) -> Allowed:
+    """numpy.dtypes.<name>: the DType class itself; calling it with () gives the dtype."""
+
+    def make(*args: Any) -> np.dtype:
+        if args:
+            _fail(f"numpy.dtypes.{name}{args!r:.40}: takes no arguments here")
+        return np.dtype(spec)
+
+    return Allowed(f"numpy.dtypes.{name}", make, value=type(np.dtype(spec)))
+
+
+_ndarray = Allowed("numpy.ndarray", value=np.ndarray)
+_reconstruct = Allowed("numpy._reconstruct", _np_reconstruct)
+_scalar = Allowed("numpy.scalar", _np_scalar)
+_frombuffer = Allowed("numpy._frombuffer", _np_frombuffer)
+_dtype = Allowed("numpy.dtype", _np_dtype)
+_builtins = {
+    "list": Allowed("builtins.list", _container(list)),
+    "dict": Allowed("builtins.dict", _container(dict)),
+    "set": Allowed("builtins.set", _container(set)),
+    "frozenset": Allowed("builtins.frozenset", _container(frozenset)),
+    "bytes": Allowed("builtins.bytes", _bytes_like(bytes)),
+    "bytearray": Allowed("builtins.bytearray", _bytes_like(bytearray)),
+}
+
+NUMPY_GLOBALS: dict[tuple[str, str], Allowed] = {
+    ("numpy", "ndarray"): _ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy.dtypes", "BoolDType"): _dtype_class("BoolDType", "b1"),
+    ("numpy.dtypes", "Int8DType"): _dtype_class("Int8DType", "i1"),
+    ("numpy.dtypes", "Int16DType"): _dtype_class("Int16DType", "i2"),
+    ("numpy.dtypes", "Int32DType"): _dtype_class("Int32DType", "i4"),
+    ("numpy.dtypes", "Int64DType"): _dtype_class("Int64DType", "i8"),
+    ("numpy.dtypes", "UInt8DType"): _dtype_class("UInt8DType", "u1"),
+    ("numpy.dtypes", "UInt16DType"): _dtype_class("UInt16DType", "u2"),
+    ("numpy.dtypes", "UInt32DType"): _dtype_class("UInt32DType", "u4"),
+    ("numpy.dtypes", "UInt64DType"): _dtype_class("UInt64DType", "u8"),
+    ("numpy.dtypes", "Float16DType"): _dtype_class("Float16DType", "f2"),
+    ("numpy.dtypes", "Float32DType"): _dtype_class("Float32DType", "f4"),
+    ("numpy.dtypes", "Float64DType"): _dtype_class("Float64DType", "f8"),
+    ("numpy.dtypes", "Complex64DType"): _dtype_class("Complex64DType", "c8"),
+    ("numpy.dtypes", "Complex128DType"): _dtype_class("Complex128DType", "c16"),
+    ("collections", "OrderedDict"): Allowed("collections.OrderedDict", _container(OrderedDict)),
+    ("_codecs", "encode"): Allowed("_codecs.encode", _encode),
+    **{("builtins", name): a for name, a in _builtins.items()},
+    **{("__builtin__", name): a for name, a in _builtins.items()},
+}
+
+
+# ---- the interpreter (opcodes as in CPython Lib/pickle.py; protocols 0-5) ----
+
+_REFUSED_OPCODES = {
+    b"i": "INST", b"o": "OBJ", b"\x82": "EXT1", b"\x83": "EXT2", b"\x84": "EXT4",
+    b"\x97": "NEXT_BUFFER", b"\x98": "READONLY_BUFFER",
+}  # fmt: skip
+_MARK = object()
+
+
+class Unpickler:
+    """Reads one pickle from data[pos:] as plain data; see the module docstring."""
+
+    def __init__(self, data: bytes | memoryview, *, pos: int = 0, source: str = "pickle",
+                 allowed: Mapping[tuple[str, str], Allowed] = NUMPY_GLOBALS,
+                 resolve: Callable[[str, str], Allowed | None] | None = None,
+                 persistent_load: Callable[[Any], Any] | None = None):  # fmt: skip
+        self.data, self.pos, self.source = memoryview(data), pos, source
+        self.allowed, self.resolve, self.persistent_load = allowed, resolve, persistent_load
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+
+    def load(self) -> Any:
+        """The unpickled value (plain data), or UnsafePickleError naming what was refused."""
+        start = self.pos
+        try:
+            while True:
+                op = bytes(self.data[self.pos : self.pos + 1])
+                self.pos += 1
+                if op == b".":
+                    return _plain(self.stack.pop(), {})
+                handler = _DISPATCH.get(op)
+                if handler is None:
+                    what = _REFUSED_OPCODES.get(
+                        op, f"unknown opcode {op!r}" if op else "end of data"
+                    )
+                    _fail(f"{what} at byte {self.pos - 1} refused")
+                handler(self)
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{self.source}: {e}") from None
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError, struct.error,
+                OverflowError, RecursionError, MemoryError) as e:  # fmt: skip
+            raise UnsafePickleError(
+                f"{self.source}: malformed pickle (from byte {start}, at {self.pos}): "
+                f"{type(e).__name__}: {e}"
+            ) from None
+
+    # -- reading --
+    def read(self, n: int) -> bytes:
+        """The next n bytes, or an error if the data ends first."""
+        if n < 0 or self.pos + n > len(self.data):
+            _fail(f"truncated: {n} bytes wanted at byte {self.pos} of {len(self.data)}")
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def readline(self) -> bytes:
+        """The bytes up to the next newline (protocol-0 text arguments)."""
+        end = bytes(self.data[self.pos : self.pos + 4096]).find(b"\n")
+        if end < 0:
+            _fail(f"truncated or overlong text argument at byte {self.pos}")
+        return self.read(end + 1)[:-1]
+
+    def unpack(self, fmt: str) -> Any:
+        """One struct value of little-endian format fmt."""
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def pop_mark(self) -> list[Any]:
+        """The items pushed since the last MARK (removed from the stack)."""
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    # -- globals and calls --
+    def find_global(self, module: str, name: str) -> Allowed:
+        """The Allowed entry of the exact pair (module, name), or an error naming it."""
+        entry = self.allowed.get((module, name))
+        if entry is None and self.resolve is not None:
+            entry = self.resolve(module, name)
+        if entry is None:
+            _fail(f"refusing to load {module}.{name} (module {module!r}, name {name!r}): only NumPy "
+                  "arrays, torch tensors and plain containers may be unpickled")  # fmt: skip
+        return entry
+
+    def call(self, func: Any, args: Any, opcode: str) -> Any:
+        """Run an allowed global's checked function for REDUCE / NEWOBJ."""
+        if not isinstance(func, Allowed) or func.call is None or not isinstance(args, tuple):
+            _fail(f"{opcode} on {func!r:.60} refused: not an allowed callable")
+        if opcode != "REDUCE" and not func.newobj:
+            _fail(f"{opcode} on {func.qualname} refused: only REDUCE may call it")
+        return func.call(*args)
+
+    def build(self, obj: Any, state: Any) -> None:
+        """BUILD: restore validated state into an array, dtype or record; nothing else."""
+        if isinstance(obj, np.ndarray):
+            _set_array_state(obj, state)
+        elif isinstance(obj, np.dtype):
+            _set_dtype_state(obj, state)
+        elif isinstance(obj, Record) and isinstance(state, dict):
+            obj.update(state)
+        elif (
+            type(obj) in (dict, OrderedDict)
+            and isinstance(state, dict)
+            and set(state) <= {"_metadata"}
+        ):
+            pass  # torch's state_dict._metadata (module versions): not data
+        else:
+            _fail(f"BUILD on {type(obj).__name__} with {type(state).__name__} state refused")
+
+
+def _plain(x: Any, seen: dict[int, Any]) -> Any:
+    """x with records as dicts and bare allowed globals as their values; else an error."""
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes, bytearray)):
+        return x
+    if isinstance(x, (np.ndarray, np.generic, np.dtype)):
+        return x
+    if id(x) in seen:
+        return seen[id(x)]
+    if isinstance(x, Allowed):
+        if x.value is None:
+            _fail(f"{x.qualname} may only be called, not stored as data")
+        return x.value
+    if isinstance(x, dict):
+        out: dict = seen.setdefault(id(x), {})
+        out.update((_plain(k, seen), _plain(v, seen)) for k, v in x.items())
+        return out
+    if isinstance(x, list):
+        items: list = seen.setdefault(id(x), [])
+        items.extend(_plain(v, seen) for v in x)
+        return items
+    if isinstance(x, (tuple, set, frozenset)):
+        return type(x)(_plain(v, seen) for v in x)
+    _fail(f"unexpected {type(x).__name__} in the data")
+
+
+def loads(data: bytes | memoryview, **kwargs: Any) -> Any:
+    """Unpickle data (one pickle) as plain data; kwargs as for ``Unpickler``."""
+    return Unpickler(data, **kwargs).load()
+
+
+# ---- opcode handlers ----
+
+
+def _push(value: Callable[[Unpickler], Any]) -> Callable[[Unpickler], None]:
+    """A handler that pushes value(u)."""
+    return lambda u: u.stack.append(value(u))
+
+
+def _text_int(u: Unpickler) -> Any:
+    """INT: protocol-0 decimal int, with I01/I00 as True/False."""
+    line = u.readline()
+    return {b"01": True, b"00": False}[line] if line in (b"01", b"00") else int(line)
+
+
+def _mark(u: Unpickler) -> None:
+    """MARK."""
+    u.marks.append(len(u.stack))
+
+
+def _memo_put(u: Unpickler, key: int) -> None:
+    """Memoize the stack top under key."""
+    u.memo[key] = u.stack[-1]
+
+
+def _skip(n: int) -> Callable[[Unpickler], None]:
+    """A handler that skips an n-byte argument."""
+
+    def handler(u: Unpickler) -> None:
+        u.read(n)
+
+    return handler
+
+
+def _tuple_n(n: int) -> Callable[[Unpickler], None]:
+    """TUPLE2 / TUPLE3: the top n items as one tuple."""
+
+    def handler(u: Unpickler) -> None:
+        items = tuple(u.stack[-n:])
+        if len(items) != n:
+            _fail(f"TUPLE{n} on a stack of {len(items)}")
+        u.stack[-n:] = [items]
+
+    return handler
+
+
+def _pairs(d: dict, items: list[Any]) -> dict:
+    """d with d[k] = v for the pairs of items (plain dicts and records only)."""
+    if not isinstance(d, dict) or len(items) % 2:
+        _fail(f"SETITEM(S) into {type(d).__name__} refused")
+    for k, v in zip(items[::2], items[1::2], strict=True):
+        d[k] = v
+    return d
+
+
+def _setitems(d: Any, items: list[Any]) -> None:
+    """SETITEM(S)."""
+    _pairs(d, items)
+
+
+def _extend(lst: Any, items: list[Any]) -> None:
+    """lst += items, only into plain lists."""
+    if not isinstance(lst, list):
+        _fail(f"APPEND(S) into {type(lst).__name__} refused")
+    lst.extend(items)
+
+
+def _add(s: Any, items: list[Any]) -> None:
+    """s |= items, only into plain sets."""
+    if type(s) is not set:
+        _fail(f"ADDITEMS into {type(s).__name__} refused")
+    s.update(items)
+
+
+def _global(u: Unpickler, module: str, name: str) -> None:
+    """GLOBAL / STACK_GLOBAL: push the allowed entry of (module, name)."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        _fail("STACK_GLOBAL needs two strings")
+    u.stack.append(u.find_global(module, name))
+
+
+def _stack_global(u: Unpickler) -> None:
+    """STACK_GLOBAL."""
+    name = u.stack.pop()
+    _global(u, u.stack.pop(), name)
+
+
+def _reduce(u: Unpickler) -> None:
+    """REDUCE: func(*args) for an allowed func."""
+    args = u.stack.pop()
+    u.stack[-1] = u.call(u.stack[-1], args, "REDUCE")
+
+
+def _newobj(u: Unpickler) -> None:
+    """NEWOBJ: cls.__new__(cls, *args) for an allowed record class."""
+    args = u.stack.pop()
+    u.stack[-1] = u.call(u.stack[-1], args, "NEWOBJ")
+
+
+def _newobj_ex(u: Unpickler) -> None:
+    """NEWOBJ_EX with no keyword arguments is NEWOBJ."""
+    kwargs, args = u.stack.pop(), u.stack.pop()
+    if kwargs:
+        _fail("NEWOBJ_EX with keyword arguments refused")
+    u.stack[-1] = u.call(u.stack[-1], args, "NEWOBJ")
+
+
+def _build(u: Unpickler) -> None:
+    """BUILD."""
+    state = u.stack.pop()
+    u.build(u.stack[-1], state)
+
+
+def _persid(u: Unpickler, pid: Any) -> None:
+    """PERSID / BINPERSID: the caller's hook (torch storages), else refused."""
+    if u.persistent_load is None:
+        _fail(f"persistent id {pid!r:.60} refused: this file may not reference storages")
+    u.stack.append(u.persistent_load(pid))
+
+
+def _string(u: Unpickler) -> str:
+    """STRING (protocol 0 Python-2 str): a quoted escaped literal, as latin-1 text."""
+    line = u.readline()
+    if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
+        _fail("STRING opcode argument is not quoted")
+    return codecs.escape_decode(line[1:-1])[0].decode("latin-1")
+
+
+_DISPATCH: dict[bytes, Callable[[Unpickler], None]] = {
+    b"\x80": _skip(1),  # PROTO
+    b"\x95": _skip(8),  # FRAME (framing is only a hint)
+    b"(": _mark,
+    b"0": lambda u: u.stack.__delitem__(-1),  # POP
+    b"1": lambda u: u.pop_mark().clear(),  # POP_MARK
+    b"2": _push(lambda u: u.stack[-1]),  # DUP
+    b"N": _push(lambda u: None),
+    b"\x88": _push(lambda u: True),
+    b"\x89": _push(lambda u: False),
+    b"I": _push(_text_int),
+    b"J": _push(lambda u: u.unpack("<i")),
+    b"K": _push(lambda u: u.unpack("<B")),
+    b"M": _push(lambda u: u.unpack("<H")),
+    b"L": _push(lambda u: int(u.readline().rstrip(b"L"))),
+    b"\x8a": _push(lambda u: int.from_bytes(u.read(u.unpack("<B")), "little", signed=True)),
+    b"\x8b": _push(lambda u: int.from_bytes(u.read(u.unpack("<i")), "little", signed=True)),
+    b"F": _push(lambda u: float(u.readline())),
+    b"G": _push(lambda u: u.unpack(">d")),
+    b"S": _push(_string),
+    b"T": _push(lambda u: u.read(u.unpack("<i")).decode("latin-1")),
+    b"U": _push(lambda u: u.read(u.unpack("<B")).decode("latin-1")),
+    b"V": _push(lambda u: u.readline().decode("raw-unicode-escape")),
+    b"X": _push(lambda u: u.read(u.unpack("<I")).decode("utf-8", "surrogatepass")),
+    b"\x8c": _push(lambda u: u.read(u.unpack("<B")).decode("utf-8", "surrogatepass")),
+    b"\x8d": _push(lambda u: u.read(u.unpack("<Q")).decode("utf-8", "surrogatepass")),
+    b"B": _push(lambda u: u.read(u.unpack("<I"))),
+    b"C": _push(lambda u: u.read(u.unpack("<B"))),
+    b"\x8e": _push(lambda u: u.read(u.unpack("<Q"))),
+    b"\x96": _push(lambda u: bytearray(u.read(u.unpack("<Q")))),
+    b"}": _push(lambda u: {}),
+    b"]": _push(lambda u: []),
+    b")": _push(lambda u: ()),
+    b"\x8f": _push(lambda u: set()),
+    b"d": _push(lambda u: _pairs({}, u.pop_mark())),
+    b"l": _push(lambda u: u.pop_mark()),
+    b"t": _push(lambda u: tuple(u.pop_mark())),
+    b"\x91": _push(lambda u: frozenset(u.pop_mark())),
+    b"\x85": lambda u: u.stack.append((u.stack.pop(),)),
+    b"\x86": _tuple_n(2),
+    b"\x87": _tuple_n(3),
+    b"a": lambda u: _extend(u.stack[-2], [u.stack.pop()]),
+    b"e": lambda u: _extend(*_after_mark(u)),
+    b"s": lambda u: _setitems(u.stack[-3], [u.stack.pop(-2), u.stack.pop()]),
+    b"u": lambda u: _setitems(*_after_mark(u)),
+    b"\x90": lambda u: _add(*_after_mark(u)),
+    b"g": lambda u: u.stack.append(u.memo[int(u.readline())]),
+    b"h": lambda u: u.stack.append(u.memo[u.unpack("<B")]),
+    b"j": lambda u: u.stack.append(u.memo[u.unpack("<I")]),
+    b"p": lambda u: _memo_put(u, int(u.readline())),
+    b"q": lambda u: _memo_put(u, u.unpack("<B")),
+    b"r": lambda u: _memo_put(u, u.unpack("<I")),
+    b"\x94": lambda u: _memo_put(u, len(u.memo)),
+    b"c": lambda u: _global(u, u.readline().decode("utf-8"), u.readline().decode("utf-8")),
+    b"\x93": _stack_global,
+    b"R": _reduce,
+    b"\x81": _newobj,
+    b"\x92": _newobj_ex,
+    b"b": _build,
+    b"P": lambda u: _persid(u, u.readline().decode("ascii")),
+    b"Q": lambda u: _persid(u, u.stack.pop()),
+}
+
+
+def _after_mark(u: Unpickler) -> tuple[Any, list[Any]]:
+    """(the object under the last MARK, the items above it): for APPENDS/SETITEMS/ADDITEMS."""
+    items = u.pop_mark()
+    return u.stack[-1], items
