@@ -242,8 +242,10 @@ class Unpickler:
     def __init__(self, data: bytes | memoryview, *, pos: int = 0, source: str = "pickle",
                  allowed: Mapping[tuple[str, str], Allowed] = NUMPY_GLOBALS,
                  resolve: Callable[[str, str], Allowed | None] | None = None,
-                 persistent_load: Callable[[Any], Any] | None = None):  # fmt: skip
+                 persistent_load: Callable[[Any], Any] | None = None,
+                 leaf_types: tuple[type, ...] = ()):  # fmt: skip
         self.data, self.pos, self.source = memoryview(data), pos, source
+        self.leaf_types = leaf_types
         self.allowed, self.resolve, self.persistent_load = allowed, resolve, persistent_load
         self.stack: list[Any] = []
         self.marks: list[int] = []
@@ -257,7 +259,7 @@ class Unpickler:
                 op = bytes(self.data[self.pos : self.pos + 1])
                 self.pos += 1
                 if op == b".":
-                    return _plain(self.stack.pop(), {})
+                    return _plain(self.stack.pop(), {}, self.leaf_types)
                 handler = _DISPATCH.get(op)
                 if handler is None:
                     what = _REFUSED_OPCODES.get(
@@ -338,11 +340,11 @@ class Unpickler:
             _fail(f"BUILD on {type(obj).__name__} with {type(state).__name__} state refused")
 
 
-def _plain(x: Any, seen: dict[int, Any]) -> Any:
+def _plain(x: Any, seen: dict[int, Any], leaves: tuple[type, ...]) -> Any:
     """x with records as dicts and bare allowed globals as their values; else an error."""
     if x is None or isinstance(x, (bool, int, float, complex, str, bytes, bytearray)):
         return x
-    if isinstance(x, (np.ndarray, np.generic, np.dtype)):
+    if isinstance(x, (np.ndarray, np.generic, np.dtype, *leaves)):
         return x
     if id(x) in seen:
         return seen[id(x)]
@@ -352,14 +354,14 @@ def _plain(x: Any, seen: dict[int, Any]) -> Any:
         return x.value
     if isinstance(x, dict):
         out: dict = seen.setdefault(id(x), {})
-        out.update((_plain(k, seen), _plain(v, seen)) for k, v in x.items())
+        out.update((_plain(k, seen, leaves), _plain(v, seen, leaves)) for k, v in x.items())
         return out
     if isinstance(x, list):
         items: list = seen.setdefault(id(x), [])
-        items.extend(_plain(v, seen) for v in x)
+        items.extend(_plain(v, seen, leaves) for v in x)
         return items
     if isinstance(x, (tuple, set, frozenset)):
-        return type(x)(_plain(v, seen) for v in x)
+        return type(x)(_plain(v, seen, leaves) for v in x)
     _fail(f"unexpected {type(x).__name__} in the data")
 
 

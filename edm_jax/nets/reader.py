@@ -1,0 +1,517 @@
+"""Torch-free checkpoint reader: .pt / .pth / .ckpt / .bin, TorchScript, .safetensors, .pkl.
+
+Files from elsewhere are read as data and never executed. Every pickle goes through
+``edm_jax.restricted_pickle`` with torch's tensor rebuilders added as checked functions;
+TorchScript objects become plain attribute dicts and their ``code/`` is never read. The
+format is found from the file's bytes, not its name:
+
+- torch zip (``torch.save`` since 1.6): ``<root>/data.pkl`` + storages ``<root>/data/<key>``
+  (torch/serialization.py ``_save`` / ``_load``), little- or big-endian (``<root>/byteorder``);
+- TorchScript zip (``torch.jit.save``): the same, plus ``constants.pkl`` / ``constants/<key>``;
+- legacy torch (before 1.6): magic, protocol, sys_info, the object, storage keys, raw storages;
+- safetensors: an 8-byte header length, a JSON header, raw little-endian data;
+- a plain pickle of NumPy data (e.g. an edm2 ``.pkl`` of arrays).
+
+Tensors come back as NumPy arrays (bfloat16 as ``ml_dtypes.bfloat16``), each a contiguous
+copy, so views and shared storages are independent arrays. A truncated, foreign or hostile
+file raises ``CheckpointError`` with one line naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from edm_jax import restricted_pickle as rp
+
+__all__ = [
+    "CheckpointError",
+    "read_checkpoint",
+    "read_safetensors",
+    "read_state_dict",
+    "read_torchscript",
+    "write_safetensors",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is truncated, of an unknown format, or asks to run code."""
+
+
+# torch storage classes (torch/storage.py _dtype_to_storage_type_map) -> NumPy dtype
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.dtype("f8"), "FloatStorage": np.dtype("f4"),
+    "HalfStorage": np.dtype("f2"), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype("i8"), "IntStorage": np.dtype("i4"), "ShortStorage": np.dtype("i2"),
+    "CharStorage": np.dtype("i1"), "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
+    "UntypedStorage": np.dtype("u1"),
+}  # fmt: skip
+# safetensors dtype names (safetensors/src/tensor.rs Dtype) -> NumPy dtype
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}  # fmt: skip
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+_STATE_KEYS = ("state_dict", "model", "model_ema", "ema", "module", "net", "params")
+
+
+class _Storage:
+    """A torch storage named in a pickle: its key, element dtype and length in elements."""
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """A strided view of a storage; read once every storage is known (see _materialize)."""
+
+    def __init__(
+        self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+    ):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+# ---- torch's rebuild functions (torch/_utils.py), argument-checked ----
+
+
+def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any) -> _TensorRef:
+    """A checked strided view: non-negative ints, inside the storage."""
+    if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0:
+        rp._fail(f"tensor of {storage!r:.60} at offset {offset!r:.20}: expected a storage")
+    size, stride = rp._ints(tuple(size), "tensor size"), rp._ints(tuple(stride), "tensor stride")
+    if len(size) != len(stride):
+        rp._fail(f"tensor size {size} and stride {stride} differ in length")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if 0 not in size and last >= storage.numel:
+        rp._fail(f"tensor {size} / {stride} at {offset} reads past its storage of {storage.numel}")
+    return _TensorRef(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                       hooks: Any = None, metadata: Any = None) -> _TensorRef:  # fmt: skip
+    """torch._utils._rebuild_tensor_v2 (no backward hooks)."""
+    if hooks or not isinstance(requires_grad, bool):
+        rp._fail(f"tensor with requires_grad={requires_grad!r:.20}, hooks {hooks!r:.40} refused")
+    return _tensor_ref(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> _TensorRef:
+    """torch._utils._rebuild_parameter(_with_state): the tensor itself."""
+    if not isinstance(data, _TensorRef) or hooks or not isinstance(requires_grad, bool):
+        rp._fail(f"Parameter of {type(data).__name__} with hooks {hooks!r:.40} refused")
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> _TensorRef:
+    """torch._tensor._rebuild_from_type_v2 for plain tensors and Parameters."""
+    if (
+        func is not TORCH_GLOBALS["torch._utils", "_rebuild_tensor_v2"]
+        or new_type not in _TENSOR_TYPES
+    ):
+        rp._fail(f"_rebuild_from_type_v2({func!r:.40}, {new_type!r:.40}) refused")
+    if state or not isinstance(args, tuple):
+        rp._fail("_rebuild_from_type_v2 with tensor state refused")
+    return _rebuild_tensor_v2(*args)
+
+
+def _torch_size(dims: Any = ()) -> tuple[int, ...]:
+    """torch.Size(dims) as a tuple of ints."""
+    return rp._ints(tuple(dims) if isinstance(dims, (tuple, list)) else dims, "torch.Size")
+
+
+_TENSOR_TYPES = (rp.Allowed("torch.Tensor"), rp.Allowed("torch.nn.parameter.Parameter"))
+TORCH_GLOBALS: dict[tuple[str, str], rp.Allowed] = {
+    **rp.NUMPY_GLOBALS,
+    ("torch._utils", "_rebuild_tensor_v2"): rp.Allowed("torch._rebuild_tensor_v2", _rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor"): rp.Allowed("torch._rebuild_tensor", _tensor_ref),
+    ("torch._utils", "_rebuild_parameter"): rp.Allowed("torch._rebuild_parameter", _rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): rp.Allowed("torch._rebuild_parameter", _rebuild_parameter),
+    ("torch._tensor", "_rebuild_from_type_v2"): rp.Allowed("torch._rebuild_from_type_v2", _rebuild_from_type_v2),
+    ("torch", "Tensor"): _TENSOR_TYPES[0],
+    ("torch.nn.parameter", "Parameter"): _TENSOR_TYPES[1],
+    ("torch", "Size"): rp.Allowed("torch.Size", _torch_size),
+    **{("torch", name): rp.Allowed(f"torch.{name}", value=dt) for name, dt in _STORAGE_DTYPES.items()},
+    ("torch.storage", "UntypedStorage"): rp.Allowed("torch.UntypedStorage", value=_STORAGE_DTYPES["UntypedStorage"]),
+}  # fmt: skip
+_STORAGE_TYPES = {
+    id(a)
+    for (m, _), a in TORCH_GLOBALS.items()
+    if m in ("torch", "torch.storage") and a.value is not None
+}
+
+
+def _script_object(module: str, name: str) -> rp.Allowed | None:
+    """A TorchScript class (``__torch__.*``) as an attribute record; nothing is imported."""
+    if (module == "__torch__" or module.startswith("__torch__.")) and name.isidentifier():
+
+        def new(*args: Any) -> rp.Record:
+            if args:
+                rp._fail(f"TorchScript object {module}.{name} with arguments {args!r:.40} refused")
+            return rp.Record(f"{module}.{name}")
+
+        return rp.Allowed(f"{module}.{name}", new, newobj=True)
+    return None
+
+
+# ---- pickles with storages ----
+
+
+def _persistent_storage(storages: dict[str, _Storage]) -> Callable[[Any], _Storage]:
+    """torch's persistent_load: ('storage', storage class, key, location, numel[, view])."""
+
+    def load(pid: Any) -> _Storage:
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+            rp._fail(f"persistent id {pid!r:.80} is not a torch storage")
+        _, kind, key, _location, numel = pid[:5]
+        if (
+            id(kind) not in _STORAGE_TYPES
+            or not isinstance(key, str)
+            or type(numel) is not int
+            or numel < 0
+        ):
+            rp._fail(f"storage {pid!r:.80}: expected (storage class, str key, int numel)")
+        if len(pid) == 6 and pid[5] is not None:
+            rp._fail(f"storage {key!r} is a legacy storage view (not supported)")
+        old = storages.setdefault(key, _Storage(key, kind.value, numel))
+        if old.dtype != kind.value or old.numel != numel:
+            rp._fail(f"storage {key!r} is named with two dtypes or sizes")
+        return old
+
+    return load
+
+
+def _unpickle(data: bytes | memoryview, source: str, storages: dict[str, _Storage] | None,
+              script: bool = False, pos: int = 0) -> tuple[Any, int]:  # fmt: skip
+    """One restricted pickle of torch data: (its value, the byte after it)."""
+    u = rp.Unpickler(
+        data, pos=pos, source=source, allowed=TORCH_GLOBALS, leaf_types=(_TensorRef,),
+        resolve=_script_object if script else None,
+        persistent_load=None if storages is None else _persistent_storage(storages),
+    )  # fmt: skip
+    return u.load(), u.pos
+
+
+def _read_storage(storage: _Storage, raw: bytes, byteorder: str, where: str) -> np.ndarray:
+    """A storage's elements from its raw bytes (exactly numel * itemsize of them)."""
+    dtype = storage.dtype.newbyteorder(">" if byteorder == "big" else "<")
+    if len(raw) < storage.numel * dtype.itemsize:
+        raise CheckpointError(f"{where}: storage {storage.key} holds {len(raw)} bytes, "
+                              f"expected {storage.numel} x {dtype.itemsize}")  # fmt: skip
+    return np.frombuffer(raw, dtype, storage.numel)
+
+
+def _materialize(x: Any, arrays: Mapping[str, np.ndarray], depth: int = 0) -> Any:
+    """x with every tensor view read from its storage (a contiguous native-endian copy)."""
+    if isinstance(x, _TensorRef):
+        base = arrays[x.storage.key]
+        if 0 in x.size:
+            return np.zeros(x.size, base.dtype.newbyteorder("="))
+        strides = tuple(s * base.itemsize for s in x.stride)
+        view = np.lib.stride_tricks.as_strided(base[x.offset :], x.size, strides, writeable=False)
+        return np.array(view, base.dtype.newbyteorder("="), order="C")  # [*size], a copy
+    if depth > 200:
+        raise RecursionError("nested more than 200 deep")
+    if isinstance(x, dict):
+        return {k: _materialize(v, arrays, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_materialize(v, arrays, depth + 1) for v in x)
+    return x
+
+
+# ---- torch zip archives (torch.save, torch.jit.save) ----
+
+
+def _zip_root(zf: zipfile.ZipFile, where: str) -> str:
+    """The archive's top folder (holding data.pkl): torch names it after the file."""
+    roots = [
+        n[: -len("data.pkl")] for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") <= 1
+    ]
+    if len(roots) != 1:
+        raise CheckpointError(
+            f"{where}: a zip without one <root>/data.pkl is not a torch checkpoint"
+        )
+    return roots[0]
+
+
+def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, script: bool) -> Any:
+    """``<root>/<name>.pkl`` with its tensors read from ``<root>/<name>/<key>``."""
+    storages: dict[str, _Storage] = {}
+    value, _ = _unpickle(zf.read(f"{root}{name}.pkl"), f"{where}:{name}.pkl", storages, script)
+    order = (
+        zf.read(f"{root}byteorder").decode() if f"{root}byteorder" in zf.namelist() else "little"
+    )
+    if order not in ("little", "big"):
+        raise CheckpointError(f"{where}: byteorder {order!r:.20}, expected 'little' or 'big'")
+    arrays = {}
+    for key, st in storages.items():
+        member = f"{root}{name}/{key}"
+        if member not in zf.namelist():
+            raise CheckpointError(f"{where}: storage {member} is missing")
+        arrays[key] = _read_storage(st, zf.read(member), order, where)
+    return _materialize(value, arrays)
+
+
+def read_torchscript(path: str | os.PathLike) -> tuple[dict, tuple]:
+    """A TorchScript archive's (module attributes, constants) as data; its code is never read."""
+    where = os.fspath(path)
+    with _open_zip(where) as zf:
+        root = _zip_root(zf, where)
+        module = _read_zip_pickle(zf, root, "data", where, script=True)
+        consts = ()
+        if f"{root}constants.pkl" in zf.namelist():
+            consts = _read_zip_pickle(zf, root, "constants", where, script=True)
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{where}: data.pkl holds {type(module).__name__}, expected a module")
+    return module, tuple(consts)
+
+
+def _open_zip(where: str) -> zipfile.ZipFile:
+    """The zip file at where, or CheckpointError."""
+    try:
+        return zipfile.ZipFile(where)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{where}: not a readable zip archive ({e})") from None
+
+
+def _read_torch_zip(where: str) -> Any:
+    """The object a torch.save zip (or a TorchScript archive's module) holds."""
+    with _open_zip(where) as zf:
+        root = _zip_root(zf, where)
+        script = any(n.startswith(f"{root}code/") for n in zf.namelist())
+        return _read_zip_pickle(zf, root, "data", where, script)
+
+
+# ---- legacy torch files (torch.save with _use_new_zipfile_serialization=False) ----
+
+
+def _read_legacy(where: str, data: bytes) -> Any:
+    """torch/serialization.py _legacy_load: header pickles, the object, keys, raw storages."""
+    magic, pos = _unpickle(data, where, None)
+    protocol, pos = _unpickle(data, where, None, pos=pos)
+    info, pos = _unpickle(data, where, None, pos=pos)
+    if magic != _LEGACY_MAGIC or protocol != 1001 or not isinstance(info, dict):
+        raise CheckpointError(
+            f"{where}: not a torch file (magic {magic!r:.30}, protocol {protocol!r:.10})"
+        )
+    storages: dict[str, _Storage] = {}
+    value, pos = _unpickle(data, where, storages, pos=pos)
+    keys, pos = _unpickle(data, where, None, pos=pos)
+    order = "little" if info.get("little_endian", True) else "big"
+    arrays = {}
+    for key in keys if isinstance(keys, list) else ():
+        st = storages.get(key) if isinstance(key, str) else None
+        if st is None or len(data) < pos + 8:
+            raise CheckpointError(f"{where}: storage {key!r:.40} is unknown or truncated")
+        numel = int.from_bytes(data[pos : pos + 8], "little")  # the size header is little-endian
+        raw = data[pos + 8 : pos + 8 + numel * st.dtype.itemsize]
+        arrays[key], pos = _read_storage(st, raw, order, where), pos + 8 + len(raw)
+    if set(arrays) != set(storages):
+        raise CheckpointError(
+            f"{where}: storages {sorted(set(storages) - set(arrays))[:3]} missing"
+        )
+    return _materialize(value, arrays)
+
+
+# ---- safetensors (github.com/huggingface/safetensors, docs "format") ----
+
+
+def _safetensors_header(f: Any, where: str, size: int) -> tuple[dict, int]:
+    """(the parsed JSON header, the byte where the data starts), checked against size."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= n <= min(100_000_000, size - 8):
+        raise CheckpointError(
+            f"{where}: not a safetensors file (header length {n} of {size} bytes)"
+        )
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def _safetensors_entry(
+    name: str, entry: Any, data_bytes: int, where: str
+) -> tuple[np.dtype, tuple, int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked."""
+    entry = entry if isinstance(entry, dict) else {}
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if (
+        entry.get("dtype") not in SAFETENSORS_DTYPES
+        or not isinstance(shape, list)
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+    ):
+        raise CheckpointError(f"{where}: bad safetensors entry {name!r}: {entry!r:.100} "
+                              f"(dtype one of {list(SAFETENSORS_DTYPES)}, shape, data_offsets)")  # fmt: skip
+    dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], offsets
+    if not 0 <= begin <= end <= data_bytes or end - begin != dtype.itemsize * int(np.prod(shape)):
+        raise CheckpointError(f"{where}: tensor {name!r} {entry['dtype']}{shape} at {offsets} "
+                              f"does not fit the {data_bytes} data bytes")  # fmt: skip
+    return dtype, tuple(shape), begin, end
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; arrays are native-endian copies."""
+    where = os.fspath(path)
+    size = os.path.getsize(where)
+    tensors: dict[str, np.ndarray] = {}
+    with open(where, "rb") as f:
+        header, start = _safetensors_header(f, where, size)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
+        for name, entry in header.items():
+            dtype, shape, begin, end = _safetensors_entry(name, entry, size - start, where)
+            f.seek(start + begin)
+            arr = np.empty(shape, dtype.newbyteorder("="))
+            f.readinto(arr.reshape(-1).view(np.uint8).data)
+            tensors[name] = arr if dtype.isnative else arr.byteswap()
+    return tensors, dict(meta)
+
+
+def _safetensors_dtype_name(name: str, a: np.ndarray) -> str:
+    """The safetensors dtype name of a's dtype, or CheckpointError listing the valid ones."""
+    for code, dt in SAFETENSORS_DTYPES.items():
+        if a.dtype.newbyteorder("=") == dt.newbyteorder("="):
+            return code
+    raise CheckpointError(
+        f"tensor {name!r} has dtype {a.dtype}; safetensors holds {list(SAFETENSORS_DTYPES)}"
+    )
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> Path:  # fmt: skip
+    """Write tensors (+ string metadata) as .safetensors atomically (temp file, os.replace)."""
+    path, arrays, offset = Path(os.fspath(path)), [], 0
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise CheckpointError(
+                f"safetensors metadata must map str to str, got {dict(metadata)!r:.100}"
+            )
+        header["__metadata__"] = dict(metadata)
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        code = _safetensors_dtype_name(name, a)
+        a = np.asarray(a, a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype, order="C")
+        header[name] = {
+            "dtype": code,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        arrays.append(a)
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for a in arrays:
+                f.write(a.reshape(-1).view(np.uint8).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+# ---- the entry points ----
+
+
+def _sniff(where: str) -> str:
+    """The format of the file at where, from its first bytes."""
+    with open(where, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if (
+        len(head) >= 9
+        and head[8:9] == b"{"
+        and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+    ):
+        return "safetensors"
+    if head[:2] == b"\x80\x02" and head[2:3] == b"\x8a":
+        return "legacy"
+    if head[:1] == b"\x80":
+        return "pickle"
+    raise CheckpointError(f"{where}: unknown format (first bytes {head[:8]!r}); expected a torch zip, "
+                          "legacy torch file, safetensors or pickle")  # fmt: skip
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The data a checkpoint file holds (dicts, lists, numbers, strings, NumPy arrays)."""
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise FileNotFoundError(f"checkpoint not found: {where}")
+    try:
+        kind = _sniff(where)
+        if kind == "safetensors":
+            return read_safetensors(where)[0]
+        if kind == "zip":
+            return _read_torch_zip(where)
+        data = Path(where).read_bytes()
+        if kind == "legacy":
+            return _read_legacy(where, data)
+        return _materialize(_unpickle(data, where, None)[0], {})
+    except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
+        raise CheckpointError(msg.replace("\n", " ")) from None
+
+
+def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+    """The array leaves of nested dicts as out['a.b.c']."""
+    if isinstance(tree, np.ndarray):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+
+
+def _state_tree(tree: Any, key: str | None, where: str) -> Any:
+    """The sub-tree holding the weights: tree[key], the one known key present, or tree."""
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{where} holds {type(tree).__name__}, expected a dict of tensors")
+    if key is not None:
+        if key not in tree:
+            raise CheckpointError(
+                f"{where} has no key {key!r}; it has {sorted(map(str, tree))[:20]}"
+            )
+        return tree[key]
+    if any(isinstance(v, np.ndarray) for v in tree.values()):
+        return tree
+    found = [k for k in _STATE_KEYS if isinstance(tree.get(k), dict)]
+    if len(found) > 1:
+        raise CheckpointError(f"{where} holds several state dicts {found}: pass key= one of them")
+    return tree[found[0]] if found else tree
+
+
+def read_state_dict(path: str | os.PathLike, prefix: str | None = None,
+                    key: str | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Flat ``{name: array}`` of a checkpoint's weights (under key / prefix, prefix stripped)."""
+    where = os.fspath(path)
+    flat: dict[str, np.ndarray] = {}
+    _flatten(_state_tree(read_checkpoint(where), key, where), "", flat)
+    if prefix is not None:
+        flat = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not flat:
+        raise CheckpointError(
+            f"{where} holds no tensors" + (f" under prefix {prefix!r}" if prefix else "")
+        )
+    return flat
