@@ -234,3 +234,22 @@ def test_safetensors_bad_header(tmp_path):
         reader.read_checkpoint(tmp_path / "c.safetensors")
     with pytest.raises(CheckpointError, match=r"dtype complex128; safetensors holds \['F64'"):
         reader.write_safetensors(tmp_path / "d.safetensors", {"z": np.zeros(2, np.complex128)})
+
+
+def test_converters_read_torch_files_without_torch(expected):
+    """metrics.convert_weights and nets.vae read .pth / .ckpt through this reader (float32)."""
+    from edm_jax.metrics import convert_weights
+    from edm_jax.nets import vae
+
+    want = {
+        k.split("/", 1)[1]: v.astype(np.float32)
+        for k, v in expected.items()
+        if k.startswith("torch_state_dict/")
+    }
+    for read in (convert_weights.read_state_dict, lambda p: vae.read_torch_weights(str(p))):
+        got = read(DATA / "torch_state_dict.pt")
+        assert sorted(got) == sorted(want) and all(v.dtype == np.float32 for v in got.values())
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+    with pytest.raises(CheckpointError, match="refusing to load posix.system"):
+        convert_weights.read_state_dict(DATA / "torch_malicious.pt")
