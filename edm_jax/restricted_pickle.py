@@ -24,7 +24,16 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-__all__ = ["NUMPY_GLOBALS", "Allowed", "Record", "UnsafePickleError", "Unpickler", "loads"]
+__all__ = [
+    "NUMPY_GLOBALS",
+    "Allowed",
+    "Record",
+    "UnsafePickleError",
+    "Unpickler",
+    "loads",
+    "nonneg_ints",
+    "refuse",
+]
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -52,7 +61,7 @@ class Allowed:
         return f"<allowed {self.qualname}>"
 
 
-def _fail(msg: str) -> NoReturn:
+def refuse(msg: str) -> NoReturn:
     """Raise UnsafePickleError(msg)."""
     raise UnsafePickleError(msg)
 
@@ -62,17 +71,17 @@ def _fail(msg: str) -> NoReturn:
 _DTYPE_SPECS = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16")
 
 
-def _ints(x: Any, what: str) -> tuple[int, ...]:
+def nonneg_ints(x: Any, what: str) -> tuple[int, ...]:
     """x as a tuple of non-negative ints, else UnsafePickleError."""
     if not isinstance(x, tuple) or not all(type(i) is int and i >= 0 for i in x):
-        _fail(f"{what} must be a tuple of non-negative ints, got {x!r:.80}")
+        refuse(f"{what} must be a tuple of non-negative ints, got {x!r:.80}")
     return x
 
 
 def _plain_dtype(dt: Any, what: str) -> np.dtype:
     """dt if it is a numeric or bool NumPy dtype without fields, else UnsafePickleError."""
     if not isinstance(dt, np.dtype) or dt.kind not in "biufc" or dt.fields or dt.subdtype:
-        _fail(f"{what}: only numeric/bool NumPy dtypes are allowed, got {dt!r:.80}")
+        refuse(f"{what}: only numeric/bool NumPy dtypes are allowed, got {dt!r:.80}")
     return dt
 
 
@@ -81,21 +90,21 @@ def _as_bytes(raw: Any, what: str) -> bytes | bytearray:
     if isinstance(raw, str):
         return raw.encode("latin-1")
     if not isinstance(raw, (bytes, bytearray)):
-        _fail(f"{what} must be bytes, got {type(raw).__name__}")
+        refuse(f"{what} must be bytes, got {type(raw).__name__}")
     return raw
 
 
 def _np_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
     """numpy.dtype(spec, align, copy) for a plain numeric spec only (a fresh copy)."""
     if spec not in _DTYPE_SPECS or not isinstance(align, bool) or not isinstance(copy, bool):
-        _fail(f"numpy.dtype{(spec, align, copy)!r:.80}: spec must be one of {list(_DTYPE_SPECS)}")
+        refuse(f"numpy.dtype{(spec, align, copy)!r:.80}: spec must be one of {list(_DTYPE_SPECS)}")
     return np.dtype(spec, False, True)
 
 
 def _np_reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
     """numpy's _reconstruct(ndarray, (0,), b'b'): an empty array that BUILD will fill."""
-    if cls is not NUMPY_GLOBALS["numpy", "ndarray"] or _ints(shape, "shape") != (0,):
-        _fail(f"_reconstruct may only make a plain numpy.ndarray, got {cls!r:.60}, {shape!r:.40}")
+    if cls is not NUMPY_GLOBALS["numpy", "ndarray"] or nonneg_ints(shape, "shape") != (0,):
+        refuse(f"_reconstruct may only make a plain numpy.ndarray, got {cls!r:.60}, {shape!r:.40}")
     _as_bytes(dtype, "_reconstruct dtype")
     return np.empty((0,), np.uint8)
 
@@ -105,30 +114,32 @@ def _np_scalar(dtype: Any, raw: Any) -> np.generic:
     dtype = _plain_dtype(dtype, "numpy scalar")
     raw = _as_bytes(raw, "numpy scalar data")
     if len(raw) != dtype.itemsize:
-        _fail(f"numpy scalar of {dtype} needs {dtype.itemsize} bytes, got {len(raw)}")
+        refuse(f"numpy scalar of {dtype} needs {dtype.itemsize} bytes, got {len(raw)}")
     return np.frombuffer(raw, dtype)[0]
 
 
 def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     """numpy's _frombuffer(buf, dtype, shape, order) (protocol 5 in-band): a copied array."""
     buf, dtype = _as_bytes(buf, "_frombuffer data"), _plain_dtype(dtype, "_frombuffer")
-    shape = _ints(shape, "_frombuffer shape")
+    shape = nonneg_ints(shape, "_frombuffer shape")
     if order not in ("C", "F") or len(buf) != dtype.itemsize * int(np.prod(shape)):
-        _fail(f"_frombuffer: {len(buf)} bytes, order {order!r:.10} do not make {dtype}{shape}")
+        refuse(f"_frombuffer: {len(buf)} bytes, order {order!r:.10} do not make {dtype}{shape}")
     return np.frombuffer(buf, dtype).reshape(shape, order=order).copy(order="K")
 
 
 def _set_array_state(arr: np.ndarray, state: Any) -> None:
     """ndarray.__setstate__ after checking (version, shape, dtype, is_fortran, raw bytes)."""
     if not isinstance(state, tuple) or len(state) not in (4, 5):
-        _fail(f"ndarray state must be (version, shape, dtype, is_fortran, data), got {state!r:.80}")
+        refuse(
+            f"ndarray state must be (version, shape, dtype, is_fortran, data), got {state!r:.80}"
+        )
     version, shape, dtype, fortran, raw = state if len(state) == 5 else (1, *state)
-    shape, dtype = _ints(shape, "ndarray shape"), _plain_dtype(dtype, "ndarray")
+    shape, dtype = nonneg_ints(shape, "ndarray shape"), _plain_dtype(dtype, "ndarray")
     raw = _as_bytes(raw, "ndarray data")
     if version != 1 or not isinstance(fortran, bool) or arr.shape != (0,):
-        _fail(f"ndarray state version {version!r:.10}, is_fortran {fortran!r:.10} refused")
+        refuse(f"ndarray state version {version!r:.10}, is_fortran {fortran!r:.10} refused")
     if len(raw) != dtype.itemsize * int(np.prod(shape)):
-        _fail(f"ndarray of {dtype}{shape} needs {dtype.itemsize * int(np.prod(shape))} bytes")
+        refuse(f"ndarray of {dtype}{shape} needs {dtype.itemsize * int(np.prod(shape))} bytes")
     arr.__setstate__((1, shape, dtype, fortran, bytes(raw)))  # type: ignore[arg-type]
 
 
@@ -136,7 +147,7 @@ def _set_dtype_state(dt: np.dtype, state: Any) -> None:
     """dtype.__setstate__ for the plain form (3, byteorder, None, None, None, -1, -1, 0) only."""
     plain = isinstance(state, tuple) and len(state) == 8 and state[0] == 3
     if not plain or state[1] not in ("<", ">", "|", "=") or state[2:] != (None,) * 3 + (-1, -1, 0):
-        _fail(f"dtype state {state!r:.80} is not a plain numeric dtype's")
+        refuse(f"dtype state {state!r:.80} is not a plain numeric dtype's")
     dt.__setstate__(state)  # type: ignore[attr-defined]
 
 
@@ -148,7 +159,7 @@ def _container(kind: type) -> Callable[..., Any]:
 
     def make(*args: Any) -> Any:
         if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
-            _fail(f"{kind.__name__}{args!r:.60}: expected () or one list/tuple")
+            refuse(f"{kind.__name__}{args!r:.60}: expected () or one list/tuple")
         return kind(*args)
 
     return make
@@ -157,7 +168,7 @@ def _container(kind: type) -> Callable[..., Any]:
 def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
     """_codecs.encode(str, 'latin1'): how protocol 2 stores bytes."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        _fail(f"_codecs.encode{(text, encoding)!r:.60}: only (str, 'latin1') is allowed")
+        refuse(f"_codecs.encode{(text, encoding)!r:.60}: only (str, 'latin1') is allowed")
     return text.encode("latin-1")
 
 
@@ -177,7 +188,7 @@ def _dtype_class(name: str, spec: str) -> Allowed:
 
     def make(*args: Any) -> np.dtype:
         if args:
-            _fail(f"numpy.dtypes.{name}{args!r:.40}: takes no arguments here")
+            refuse(f"numpy.dtypes.{name}{args!r:.40}: takes no arguments here")
         return np.dtype(spec)
 
     return Allowed(f"numpy.dtypes.{name}", make, value=type(np.dtype(spec)))
@@ -265,7 +276,7 @@ class Unpickler:
                     what = _REFUSED_OPCODES.get(
                         op, f"unknown opcode {op!r}" if op else "end of data"
                     )
-                    _fail(f"{what} at byte {self.pos - 1} refused")
+                    refuse(f"{what} at byte {self.pos - 1} refused")
                 handler(self)
         except UnsafePickleError as e:
             raise UnsafePickleError(f"{self.source}: {e}") from None
@@ -280,7 +291,7 @@ class Unpickler:
     def read(self, n: int) -> bytes:
         """The next n bytes, or an error if the data ends first."""
         if n < 0 or self.pos + n > len(self.data):
-            _fail(f"truncated: {n} bytes wanted at byte {self.pos} of {len(self.data)}")
+            refuse(f"truncated: {n} bytes wanted at byte {self.pos} of {len(self.data)}")
         out = bytes(self.data[self.pos : self.pos + n])
         self.pos += n
         return out
@@ -289,7 +300,7 @@ class Unpickler:
         """The bytes up to the next newline (protocol-0 text arguments)."""
         end = bytes(self.data[self.pos : self.pos + 4096]).find(b"\n")
         if end < 0:
-            _fail(f"truncated or overlong text argument at byte {self.pos}")
+            refuse(f"truncated or overlong text argument at byte {self.pos}")
         return self.read(end + 1)[:-1]
 
     def unpack(self, fmt: str) -> Any:
@@ -310,16 +321,16 @@ class Unpickler:
         if entry is None and self.resolve is not None:
             entry = self.resolve(module, name)
         if entry is None:
-            _fail(f"refusing to load {module}.{name} (module {module!r}, name {name!r}): only NumPy "
+            refuse(f"refusing to load {module}.{name} (module {module!r}, name {name!r}): only NumPy "
                   "arrays, torch tensors and plain containers may be unpickled")  # fmt: skip
         return entry
 
     def call(self, func: Any, args: Any, opcode: str) -> Any:
         """Run an allowed global's checked function for REDUCE / NEWOBJ."""
         if not isinstance(func, Allowed) or func.call is None or not isinstance(args, tuple):
-            _fail(f"{opcode} on {func!r:.60} refused: not an allowed callable")
+            refuse(f"{opcode} on {func!r:.60} refused: not an allowed callable")
         if opcode != "REDUCE" and not func.newobj:
-            _fail(f"{opcode} on {func.qualname} refused: only REDUCE may call it")
+            refuse(f"{opcode} on {func.qualname} refused: only REDUCE may call it")
         return func.call(*args)
 
     def build(self, obj: Any, state: Any) -> None:
@@ -337,7 +348,7 @@ class Unpickler:
         ):
             pass  # torch's state_dict._metadata (module versions): not data
         else:
-            _fail(f"BUILD on {type(obj).__name__} with {type(state).__name__} state refused")
+            refuse(f"BUILD on {type(obj).__name__} with {type(state).__name__} state refused")
 
 
 def _plain(x: Any, seen: dict[int, Any], leaves: tuple[type, ...]) -> Any:
@@ -350,7 +361,7 @@ def _plain(x: Any, seen: dict[int, Any], leaves: tuple[type, ...]) -> Any:
         return seen[id(x)]
     if isinstance(x, Allowed):
         if x.value is None:
-            _fail(f"{x.qualname} may only be called, not stored as data")
+            refuse(f"{x.qualname} may only be called, not stored as data")
         return x.value
     if isinstance(x, dict):
         out: dict = seen.setdefault(id(x), {})
@@ -360,9 +371,9 @@ def _plain(x: Any, seen: dict[int, Any], leaves: tuple[type, ...]) -> Any:
         items: list = seen.setdefault(id(x), [])
         items.extend(_plain(v, seen, leaves) for v in x)
         return items
-    if isinstance(x, (tuple, set, frozenset)):
-        return type(x)(_plain(v, seen, leaves) for v in x)
-    _fail(f"unexpected {type(x).__name__} in the data")
+    if isinstance(x, (tuple, set, frozenset)):  # memoized too: shared items are walked once
+        return seen.setdefault(id(x), type(x)(_plain(v, seen, leaves) for v in x))
+    refuse(f"unexpected {type(x).__name__} in the data")
 
 
 def loads(data: bytes | memoryview, **kwargs: Any) -> Any:
@@ -409,7 +420,7 @@ def _tuple_n(n: int) -> Callable[[Unpickler], None]:
     def handler(u: Unpickler) -> None:
         items = tuple(u.stack[-n:])
         if len(items) != n:
-            _fail(f"TUPLE{n} on a stack of {len(items)}")
+            refuse(f"TUPLE{n} on a stack of {len(items)}")
         u.stack[-n:] = [items]
 
     return handler
@@ -418,7 +429,7 @@ def _tuple_n(n: int) -> Callable[[Unpickler], None]:
 def _pairs(d: dict, items: list[Any]) -> dict:
     """d with d[k] = v for the pairs of items (plain dicts and records only)."""
     if not isinstance(d, dict) or len(items) % 2:
-        _fail(f"SETITEM(S) into {type(d).__name__} refused")
+        refuse(f"SETITEM(S) into {type(d).__name__} refused")
     for k, v in zip(items[::2], items[1::2], strict=True):
         d[k] = v
     return d
@@ -432,21 +443,21 @@ def _setitems(d: Any, items: list[Any]) -> None:
 def _extend(lst: Any, items: list[Any]) -> None:
     """lst += items, only into plain lists."""
     if not isinstance(lst, list):
-        _fail(f"APPEND(S) into {type(lst).__name__} refused")
+        refuse(f"APPEND(S) into {type(lst).__name__} refused")
     lst.extend(items)
 
 
 def _add(s: Any, items: list[Any]) -> None:
     """s |= items, only into plain sets."""
     if type(s) is not set:
-        _fail(f"ADDITEMS into {type(s).__name__} refused")
+        refuse(f"ADDITEMS into {type(s).__name__} refused")
     s.update(items)
 
 
 def _global(u: Unpickler, module: str, name: str) -> None:
     """GLOBAL / STACK_GLOBAL: push the allowed entry of (module, name)."""
     if not isinstance(module, str) or not isinstance(name, str):
-        _fail("STACK_GLOBAL needs two strings")
+        refuse("STACK_GLOBAL needs two strings")
     u.stack.append(u.find_global(module, name))
 
 
@@ -472,7 +483,7 @@ def _newobj_ex(u: Unpickler) -> None:
     """NEWOBJ_EX with no keyword arguments is NEWOBJ."""
     kwargs, args = u.stack.pop(), u.stack.pop()
     if kwargs:
-        _fail("NEWOBJ_EX with keyword arguments refused")
+        refuse("NEWOBJ_EX with keyword arguments refused")
     u.stack[-1] = u.call(u.stack[-1], args, "NEWOBJ")
 
 
@@ -485,7 +496,7 @@ def _build(u: Unpickler) -> None:
 def _persid(u: Unpickler, pid: Any) -> None:
     """PERSID / BINPERSID: the caller's hook (torch storages), else refused."""
     if u.persistent_load is None:
-        _fail(f"persistent id {pid!r:.60} refused: this file may not reference storages")
+        refuse(f"persistent id {pid!r:.60} refused: this file may not reference storages")
     u.stack.append(u.persistent_load(pid))
 
 
@@ -493,7 +504,7 @@ def _string(u: Unpickler) -> str:
     """STRING (protocol 0 Python-2 str): a quoted escaped literal, as latin-1 text."""
     line = u.readline()
     if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
-        _fail("STRING opcode argument is not quoted")
+        refuse("STRING opcode argument is not quoted")
     return codecs.escape_decode(line[1:-1])[0].decode("latin-1")
 
 

@@ -253,3 +253,24 @@ def test_converters_read_torch_files_without_torch(expected):
             np.testing.assert_array_equal(got[k], v, err_msg=k)
     with pytest.raises(CheckpointError, match="refusing to load posix.system"):
         convert_weights.read_state_dict(DATA / "torch_malicious.pt")
+
+
+def test_denial_of_service_bounds(tmp_path, monkeypatch):
+    """Shared sub-dicts cannot make flattening exponential; stride-0 views cannot blow up."""
+    d: dict = {"w": np.ones(1)}
+    for _ in range(60):
+        d = {"a": d, "b": d}
+    (tmp_path / "laughs.pkl").write_bytes(pickle.dumps(d, protocol=4))
+    tree = reader.read_checkpoint(tmp_path / "laughs.pkl")
+    assert tree["a"] is tree["b"]
+    for _ in range(60):
+        tree = tree["b"]
+    assert tree["w"].shape == (1,)
+    monkeypatch.setattr(reader, "_MAX_NODES", 1000)
+    with pytest.raises(CheckpointError, match="more than 1000 entries"):
+        reader.read_state_dict(tmp_path / "laughs.pkl")
+    raw = np.arange(6, dtype="<f4").tobytes()
+    with pytest.raises(CheckpointError, match="expands its storage of 6 too far"):
+        reader.read_checkpoint(
+            _zip_with(tmp_path, _tensor_pickle(6, 0, (255, 255, 255, 255), (0, 0, 0, 0)), raw)
+        )

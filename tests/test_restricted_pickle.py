@@ -202,3 +202,12 @@ def test_edm2_reference_pkl_loads(tmp_path):
         for k in ("mu", "sigma"):
             assert back[m][k].dtype == np.float64
             np.testing.assert_array_equal(back[m][k], ref[m][k])
+
+
+def test_shared_references_are_walked_once():
+    """A 'billion laughs' of shared tuples (2**200 paths) loads at once, sharing preserved."""
+    x: object = np.arange(2.0)
+    for _ in range(200):
+        x = (x, [x])
+    back = rp.loads(pickle.dumps(x, protocol=4))
+    assert back[0] is back[1][0]

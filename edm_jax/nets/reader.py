@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }  # fmt: skip
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+_MAX_EXPAND = 2**30  # bytes a stride-0 (expanded) tensor may grow to beyond 16x its storage
+_MAX_NODES = 10**7  # containers and leaves a checkpoint's tree may have (counted with repeats)
 _STATE_KEYS = ("state_dict", "model", "model_ema", "ema", "module", "net", "params")
 
 
@@ -88,13 +91,20 @@ class _TensorRef:
 def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any) -> _TensorRef:
     """A checked strided view: non-negative ints, inside the storage."""
     if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0:
-        rp._fail(f"tensor of {storage!r:.60} at offset {offset!r:.20}: expected a storage")
-    size, stride = rp._ints(tuple(size), "tensor size"), rp._ints(tuple(stride), "tensor stride")
+        rp.refuse(f"tensor of {storage!r:.60} at offset {offset!r:.20}: expected a storage")
+    size, stride = (
+        rp.nonneg_ints(tuple(size), "tensor size"),
+        rp.nonneg_ints(tuple(stride), "tensor stride"),
+    )
     if len(size) != len(stride):
-        rp._fail(f"tensor size {size} and stride {stride} differ in length")
+        rp.refuse(f"tensor size {size} and stride {stride} differ in length")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if 0 not in size and last >= storage.numel:
-        rp._fail(f"tensor {size} / {stride} at {offset} reads past its storage of {storage.numel}")
+        rp.refuse(f"tensor {size} / {stride} at {offset} reads past its storage of {storage.numel}")
+    if int(np.prod(size)) * storage.dtype.itemsize > max(
+        16 * storage.numel * storage.dtype.itemsize, _MAX_EXPAND
+    ):
+        rp.refuse(f"tensor {size} / {stride} expands its storage of {storage.numel} too far")
     return _TensorRef(storage, offset, size, stride)
 
 
@@ -102,14 +112,14 @@ def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requir
                        hooks: Any = None, metadata: Any = None) -> _TensorRef:  # fmt: skip
     """torch._utils._rebuild_tensor_v2 (no backward hooks)."""
     if hooks or not isinstance(requires_grad, bool):
-        rp._fail(f"tensor with requires_grad={requires_grad!r:.20}, hooks {hooks!r:.40} refused")
+        rp.refuse(f"tensor with requires_grad={requires_grad!r:.20}, hooks {hooks!r:.40} refused")
     return _tensor_ref(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> _TensorRef:
     """torch._utils._rebuild_parameter(_with_state): the tensor itself."""
     if not isinstance(data, _TensorRef) or hooks or not isinstance(requires_grad, bool):
-        rp._fail(f"Parameter of {type(data).__name__} with hooks {hooks!r:.40} refused")
+        rp.refuse(f"Parameter of {type(data).__name__} with hooks {hooks!r:.40} refused")
     return data
 
 
@@ -119,15 +129,15 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> _T
         func is not TORCH_GLOBALS["torch._utils", "_rebuild_tensor_v2"]
         or new_type not in _TENSOR_TYPES
     ):
-        rp._fail(f"_rebuild_from_type_v2({func!r:.40}, {new_type!r:.40}) refused")
+        rp.refuse(f"_rebuild_from_type_v2({func!r:.40}, {new_type!r:.40}) refused")
     if state or not isinstance(args, tuple):
-        rp._fail("_rebuild_from_type_v2 with tensor state refused")
+        rp.refuse("_rebuild_from_type_v2 with tensor state refused")
     return _rebuild_tensor_v2(*args)
 
 
 def _torch_size(dims: Any = ()) -> tuple[int, ...]:
     """torch.Size(dims) as a tuple of ints."""
-    return rp._ints(tuple(dims) if isinstance(dims, (tuple, list)) else dims, "torch.Size")
+    return rp.nonneg_ints(tuple(dims) if isinstance(dims, (tuple, list)) else dims, "torch.Size")
 
 
 _TENSOR_TYPES = (rp.Allowed("torch.Tensor"), rp.Allowed("torch.nn.parameter.Parameter"))
@@ -157,7 +167,7 @@ def _script_object(module: str, name: str) -> rp.Allowed | None:
 
         def new(*args: Any) -> rp.Record:
             if args:
-                rp._fail(f"TorchScript object {module}.{name} with arguments {args!r:.40} refused")
+                rp.refuse(f"TorchScript object {module}.{name} with arguments {args!r:.40} refused")
             return rp.Record(f"{module}.{name}")
 
         return rp.Allowed(f"{module}.{name}", new, newobj=True)
@@ -172,7 +182,7 @@ def _persistent_storage(storages: dict[str, _Storage]) -> Callable[[Any], _Stora
 
     def load(pid: Any) -> _Storage:
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
-            rp._fail(f"persistent id {pid!r:.80} is not a torch storage")
+            rp.refuse(f"persistent id {pid!r:.80} is not a torch storage")
         _, kind, key, _location, numel = pid[:5]
         if (
             id(kind) not in _STORAGE_TYPES
@@ -180,12 +190,12 @@ def _persistent_storage(storages: dict[str, _Storage]) -> Callable[[Any], _Stora
             or type(numel) is not int
             or numel < 0
         ):
-            rp._fail(f"storage {pid!r:.80}: expected (storage class, str key, int numel)")
+            rp.refuse(f"storage {pid!r:.80}: expected (storage class, str key, int numel)")
         if len(pid) == 6 and pid[5] is not None:
-            rp._fail(f"storage {key!r} is a legacy storage view (not supported)")
+            rp.refuse(f"storage {key!r} is a legacy storage view (not supported)")
         old = storages.setdefault(key, _Storage(key, kind.value, numel))
         if old.dtype != kind.value or old.numel != numel:
-            rp._fail(f"storage {key!r} is named with two dtypes or sizes")
+            rp.refuse(f"storage {key!r} is named with two dtypes or sizes")
         return old
 
     return load
@@ -211,22 +221,27 @@ def _read_storage(storage: _Storage, raw: bytes, byteorder: str, where: str) -> 
     return np.frombuffer(raw, dtype, storage.numel)
 
 
-def _materialize(x: Any, arrays: Mapping[str, np.ndarray], depth: int = 0) -> Any:
+def _materialize(
+    x: Any, arrays: Mapping[str, np.ndarray], seen: dict[int, Any] | None = None
+) -> Any:
     """x with every tensor view read from its storage (a contiguous native-endian copy)."""
+    seen = {} if seen is None else seen
+    if id(x) in seen:  # shared objects (and views of them) are read once
+        return seen[id(x)]
     if isinstance(x, _TensorRef):
         base = arrays[x.storage.key]
         if 0 in x.size:
             return np.zeros(x.size, base.dtype.newbyteorder("="))
         strides = tuple(s * base.itemsize for s in x.stride)
         view = np.lib.stride_tricks.as_strided(base[x.offset :], x.size, strides, writeable=False)
-        return np.array(view, base.dtype.newbyteorder("="), order="C")  # [*size], a copy
-    if depth > 200:
-        raise RecursionError("nested more than 200 deep")
-    if isinstance(x, dict):
-        return {k: _materialize(v, arrays, depth + 1) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_materialize(v, arrays, depth + 1) for v in x)
-    return x
+        out: Any = np.array(view, base.dtype.newbyteorder("="), order="C")  # [*size], a copy
+    elif isinstance(x, dict):
+        out = {k: _materialize(v, arrays, seen) for k, v in x.items()}
+    elif isinstance(x, (list, tuple)):
+        out = type(x)(_materialize(v, arrays, seen) for v in x)
+    else:
+        return x
+    return seen.setdefault(id(x), out)
 
 
 # ---- torch zip archives (torch.save, torch.jit.save) ----
@@ -258,7 +273,12 @@ def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, scri
         member = f"{root}{name}/{key}"
         if member not in zf.namelist():
             raise CheckpointError(f"{where}: storage {member} is missing")
-        arrays[key] = _read_storage(st, zf.read(member), order, where)
+        nbytes = st.numel * st.dtype.itemsize
+        if zf.getinfo(member).file_size < nbytes:
+            raise CheckpointError(f"{where}: storage {key} holds {zf.getinfo(member).file_size} bytes, "
+                                  f"expected {st.numel} x {st.dtype.itemsize}")  # fmt: skip
+        with zf.open(member) as f:
+            arrays[key] = _read_storage(st, f.read(nbytes), order, where)
     return _materialize(value, arrays)
 
 
@@ -470,18 +490,22 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         if kind == "legacy":
             return _read_legacy(where, data)
         return _materialize(_unpickle(data, where, None)[0], {})
-    except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError,
+            zlib.error, NotImplementedError, MemoryError) as e:  # fmt: skip
         msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
         raise CheckpointError(msg.replace("\n", " ")) from None
 
 
-def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    """The array leaves of nested dicts as out['a.b.c']."""
+def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray], budget: list[int]) -> None:
+    """The array leaves of nested dicts as out['a.b.c'] (at most _MAX_NODES visits)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise CheckpointError(f"more than {_MAX_NODES} entries (shared sub-dicts nested too often)")
     if isinstance(tree, np.ndarray):
         out[prefix] = tree
     elif isinstance(tree, dict):
         for k, v in tree.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, budget)
 
 
 def _state_tree(tree: Any, key: str | None, where: str) -> Any:
@@ -507,7 +531,10 @@ def read_state_dict(path: str | os.PathLike, prefix: str | None = None,
     """Flat ``{name: array}`` of a checkpoint's weights (under key / prefix, prefix stripped)."""
     where = os.fspath(path)
     flat: dict[str, np.ndarray] = {}
-    _flatten(_state_tree(read_checkpoint(where), key, where), "", flat)
+    try:
+        _flatten(_state_tree(read_checkpoint(where), key, where), "", flat, [_MAX_NODES])
+    except RecursionError:
+        raise CheckpointError(f"{where}: dicts nested too deeply") from None
     if prefix is not None:
         flat = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     if not flat:
