@@ -274,3 +274,29 @@ def test_denial_of_service_bounds(tmp_path, monkeypatch):
         reader.read_checkpoint(
             _zip_with(tmp_path, _tensor_pickle(6, 0, (255, 255, 255, 255), (0, 0, 0, 0)), raw)
         )
+
+
+def _lightning_pickle(cls: tuple[str, str]) -> bytes:
+    """A CompVis/Lightning-style checkpoint: callback state keyed by the callback class, an
+    instance of it (NEWOBJ + BUILD), and the weights under 'state_dict'."""
+    g = f"c{cls[0]}\n{cls[1]}\n".encode()
+    inst = g + b")\x81}X\x07\x00\x00\x00monitorX\x04\x00\x00\x00losssb"
+    state = b"}X\x01\x00\x00\x00w" + pickle.dumps(np.arange(3.0), protocol=2)[2:-1] + b"s"
+    return (b"\x80\x02}(X\t\x00\x00\x00callbacks}" + g + b"}X\x04\x00\x00\x00bestK\x07ssX\x08\x00\x00\x00instance"
+            + inst + b"X\n\x00\x00\x00state_dict" + state + b"u.")  # fmt: skip
+
+
+def test_lightning_bookkeeping_classes_are_inert(tmp_path):
+    pl = ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+    pickle.loads(_lightning_pickle(("collections", "OrderedDict")))  # well-formed for pickle itself
+    (tmp_path / "sd.ckpt").write_bytes(_lightning_pickle(pl))
+    ckpt = reader.read_checkpoint(tmp_path / "sd.ckpt")
+    assert ckpt["callbacks"] == {".".join(pl): {"best": 7}} and ckpt["instance"] == {
+        "monitor": "loss"
+    }
+    np.testing.assert_array_equal(reader.read_state_dict(tmp_path / "sd.ckpt")["w"], np.arange(3.0))
+    with pytest.raises(CheckpointError, match=r"refusing to load pytorch_lightning\.callbacks"):
+        reader.read_checkpoint(tmp_path / "sd.ckpt", inert=())
+    (tmp_path / "other.ckpt").write_bytes(_lightning_pickle(("os", "system")))
+    with pytest.raises(CheckpointError, match=r"refusing to load os\.system"):
+        reader.read_checkpoint(tmp_path / "other.ckpt")

@@ -24,7 +24,7 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,17 +161,40 @@ _STORAGE_TYPES = {
 }
 
 
-def _script_object(module: str, name: str) -> rp.Allowed | None:
-    """A TorchScript class (``__torch__.*``) as an attribute record; nothing is imported."""
-    if (module == "__torch__" or module.startswith("__torch__.")) and name.isidentifier():
+# Bookkeeping classes that checkpoints from elsewhere carry beside the weights (CompVis Stable
+# Diffusion .ckpt files key their callback state by Lightning's ModelCheckpoint class). Nothing
+# is imported: a bare class reads as its dotted name, an instance as a record of its attributes.
+INERT_CLASSES: tuple[tuple[str, str], ...] = (
+    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+    ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"),
+)
 
-        def new(*args: Any) -> rp.Record:
-            if args:
-                rp.refuse(f"TorchScript object {module}.{name} with arguments {args!r:.40} refused")
-            return rp.Record(f"{module}.{name}")
 
-        return rp.Allowed(f"{module}.{name}", new, newobj=True)
-    return None
+def _record_class(qualname: str) -> rp.Allowed:
+    """An inert class: its instances become attribute records; it is never imported."""
+
+    def new(*args: Any) -> rp.Record:
+        if args:
+            rp.refuse(
+                f"{qualname} with arguments {args!r:.40} refused: only its attributes are data"
+            )
+        return rp.Record(qualname)
+
+    return rp.Allowed(qualname, new, value=qualname, newobj=True)
+
+
+def _resolver(
+    script: bool, inert: Collection[tuple[str, str]]
+) -> Callable[[str, str], rp.Allowed | None]:
+    """Globals beyond TORCH_GLOBALS: the inert classes, and TorchScript's ``__torch__.*``."""
+
+    def resolve(module: str, name: str) -> rp.Allowed | None:
+        is_script = module == "__torch__" or module.startswith("__torch__.")
+        if (module, name) in inert or (script and is_script and name.isidentifier()):
+            return _record_class(f"{module}.{name}")
+        return None
+
+    return resolve
 
 
 # ---- pickles with storages ----
@@ -202,11 +225,12 @@ def _persistent_storage(storages: dict[str, _Storage]) -> Callable[[Any], _Stora
 
 
 def _unpickle(data: bytes | memoryview, source: str, storages: dict[str, _Storage] | None,
-              script: bool = False, pos: int = 0) -> tuple[Any, int]:  # fmt: skip
+              script: bool = False, pos: int = 0,
+              inert: Collection[tuple[str, str]] = INERT_CLASSES) -> tuple[Any, int]:  # fmt: skip
     """One restricted pickle of torch data: (its value, the byte after it)."""
     u = rp.Unpickler(
         data, pos=pos, source=source, allowed=TORCH_GLOBALS, leaf_types=(_TensorRef,),
-        resolve=_script_object if script else None,
+        resolve=_resolver(script, inert),
         persistent_load=None if storages is None else _persistent_storage(storages),
     )  # fmt: skip
     return u.load(), u.pos
@@ -259,10 +283,13 @@ def _zip_root(zf: zipfile.ZipFile, where: str) -> str:
     return roots[0]
 
 
-def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, script: bool) -> Any:
+def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, script: bool,
+                     inert: Collection[tuple[str, str]] = INERT_CLASSES) -> Any:  # fmt: skip
     """``<root>/<name>.pkl`` with its tensors read from ``<root>/<name>/<key>``."""
     storages: dict[str, _Storage] = {}
-    value, _ = _unpickle(zf.read(f"{root}{name}.pkl"), f"{where}:{name}.pkl", storages, script)
+    value, _ = _unpickle(
+        zf.read(f"{root}{name}.pkl"), f"{where}:{name}.pkl", storages, script, inert=inert
+    )
     order = (
         zf.read(f"{root}byteorder").decode() if f"{root}byteorder" in zf.namelist() else "little"
     )
@@ -304,18 +331,18 @@ def _open_zip(where: str) -> zipfile.ZipFile:
         raise CheckpointError(f"{where}: not a readable zip archive ({e})") from None
 
 
-def _read_torch_zip(where: str) -> Any:
+def _read_torch_zip(where: str, inert: Collection[tuple[str, str]]) -> Any:
     """The object a torch.save zip (or a TorchScript archive's module) holds."""
     with _open_zip(where) as zf:
         root = _zip_root(zf, where)
         script = any(n.startswith(f"{root}code/") for n in zf.namelist())
-        return _read_zip_pickle(zf, root, "data", where, script)
+        return _read_zip_pickle(zf, root, "data", where, script, inert)
 
 
 # ---- legacy torch files (torch.save with _use_new_zipfile_serialization=False) ----
 
 
-def _read_legacy(where: str, data: bytes) -> Any:
+def _read_legacy(where: str, data: bytes, inert: Collection[tuple[str, str]]) -> Any:
     """torch/serialization.py _legacy_load: header pickles, the object, keys, raw storages."""
     magic, pos = _unpickle(data, where, None)
     protocol, pos = _unpickle(data, where, None, pos=pos)
@@ -325,7 +352,7 @@ def _read_legacy(where: str, data: bytes) -> Any:
             f"{where}: not a torch file (magic {magic!r:.30}, protocol {protocol!r:.10})"
         )
     storages: dict[str, _Storage] = {}
-    value, pos = _unpickle(data, where, storages, pos=pos)
+    value, pos = _unpickle(data, where, storages, pos=pos, inert=inert)
     keys, pos = _unpickle(data, where, None, pos=pos)
     order = "little" if info.get("little_endian", True) else "big"
     arrays = {}
@@ -475,8 +502,13 @@ def _sniff(where: str) -> str:
                           "legacy torch file, safetensors or pickle")  # fmt: skip
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """The data a checkpoint file holds (dicts, lists, numbers, strings, NumPy arrays)."""
+def read_checkpoint(
+    path: str | os.PathLike, *, inert: Collection[tuple[str, str]] = INERT_CLASSES
+) -> Any:
+    """The data a checkpoint file holds (dicts, lists, numbers, strings, NumPy arrays).
+
+    ``inert``: exact (module, name) classes read as attribute records (see INERT_CLASSES).
+    """
     where = os.fspath(path)
     if not os.path.isfile(where):
         raise FileNotFoundError(f"checkpoint not found: {where}")
@@ -485,11 +517,11 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         if kind == "safetensors":
             return read_safetensors(where)[0]
         if kind == "zip":
-            return _read_torch_zip(where)
+            return _read_torch_zip(where, inert)
         data = Path(where).read_bytes()
         if kind == "legacy":
-            return _read_legacy(where, data)
-        return _materialize(_unpickle(data, where, None)[0], {})
+            return _read_legacy(where, data, inert)
+        return _materialize(_unpickle(data, where, None, inert=inert)[0], {})
     except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError,
             zlib.error, NotImplementedError, MemoryError) as e:  # fmt: skip
         msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
@@ -526,13 +558,15 @@ def _state_tree(tree: Any, key: str | None, where: str) -> Any:
     return tree[found[0]] if found else tree
 
 
-def read_state_dict(path: str | os.PathLike, prefix: str | None = None,
-                    key: str | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def read_state_dict(path: str | os.PathLike, prefix: str | None = None, key: str | None = None,
+                    inert: Collection[tuple[str, str]] = INERT_CLASSES) -> dict[str, np.ndarray]:  # fmt: skip
     """Flat ``{name: array}`` of a checkpoint's weights (under key / prefix, prefix stripped)."""
     where = os.fspath(path)
     flat: dict[str, np.ndarray] = {}
     try:
-        _flatten(_state_tree(read_checkpoint(where), key, where), "", flat, [_MAX_NODES])
+        _flatten(
+            _state_tree(read_checkpoint(where, inert=inert), key, where), "", flat, [_MAX_NODES]
+        )
     except RecursionError:
         raise CheckpointError(f"{where}: dicts nested too deeply") from None
     if prefix is not None:
