@@ -1,7 +1,8 @@
 """Torch-free checkpoint reader: .pt / .pth / .ckpt / .bin, TorchScript, .safetensors, .pkl.
 
 Files from elsewhere are read as data and never executed. Every pickle goes through
-``edm_jax.restricted_pickle`` with torch's tensor rebuilders added as checked functions;
+``edm_jax.restricted_pickle`` with torch's tensor rebuilders added as checked functions
+(``nets/torch_pickle.py``);
 TorchScript objects become plain attribute dicts and their ``code/`` is never read. The
 format is found from the file's bytes, not its name:
 
@@ -24,7 +25,7 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from edm_jax import restricted_pickle as rp
+from edm_jax.nets.torch_pickle import INERT_CLASSES, Storage, materialize, unpickle
 
 __all__ = [
     "CheckpointError",
@@ -47,14 +49,6 @@ class CheckpointError(ValueError):
     """A checkpoint that is truncated, of an unknown format, or asks to run code."""
 
 
-# torch storage classes (torch/storage.py _dtype_to_storage_type_map) -> NumPy dtype
-_STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype("f8"), "FloatStorage": np.dtype("f4"),
-    "HalfStorage": np.dtype("f2"), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype("i8"), "IntStorage": np.dtype("i4"), "ShortStorage": np.dtype("i2"),
-    "CharStorage": np.dtype("i1"), "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
-    "UntypedStorage": np.dtype("u1"),
-}  # fmt: skip
 # safetensors dtype names (safetensors/src/tensor.rs Dtype) -> NumPy dtype
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -64,208 +58,17 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }  # fmt: skip
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
-_MAX_EXPAND = 2**30  # bytes a stride-0 (expanded) tensor may grow to beyond 16x its storage
 _MAX_NODES = 10**7  # containers and leaves a checkpoint's tree may have (counted with repeats)
 _STATE_KEYS = ("state_dict", "model", "model_ema", "ema", "module", "net", "params")
 
 
-class _Storage:
-    """A torch storage named in a pickle: its key, element dtype and length in elements."""
-
-    def __init__(self, key: str, dtype: np.dtype, numel: int):
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _TensorRef:
-    """A strided view of a storage; read once every storage is known (see _materialize)."""
-
-    def __init__(
-        self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
-    ):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-
-# ---- torch's rebuild functions (torch/_utils.py), argument-checked ----
-
-
-def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any) -> _TensorRef:
-    """A checked strided view: non-negative ints, inside the storage."""
-    if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0:
-        rp.refuse(f"tensor of {storage!r:.60} at offset {offset!r:.20}: expected a storage")
-    size, stride = (
-        rp.nonneg_ints(tuple(size), "tensor size"),
-        rp.nonneg_ints(tuple(stride), "tensor stride"),
-    )
-    if len(size) != len(stride):
-        rp.refuse(f"tensor size {size} and stride {stride} differ in length")
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-    if 0 not in size and last >= storage.numel:
-        rp.refuse(f"tensor {size} / {stride} at {offset} reads past its storage of {storage.numel}")
-    if int(np.prod(size)) * storage.dtype.itemsize > max(
-        16 * storage.numel * storage.dtype.itemsize, _MAX_EXPAND
-    ):
-        rp.refuse(f"tensor {size} / {stride} expands its storage of {storage.numel} too far")
-    return _TensorRef(storage, offset, size, stride)
-
-
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                       hooks: Any = None, metadata: Any = None) -> _TensorRef:  # fmt: skip
-    """torch._utils._rebuild_tensor_v2 (no backward hooks)."""
-    if hooks or not isinstance(requires_grad, bool):
-        rp.refuse(f"tensor with requires_grad={requires_grad!r:.20}, hooks {hooks!r:.40} refused")
-    return _tensor_ref(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> _TensorRef:
-    """torch._utils._rebuild_parameter(_with_state): the tensor itself."""
-    if not isinstance(data, _TensorRef) or hooks or not isinstance(requires_grad, bool):
-        rp.refuse(f"Parameter of {type(data).__name__} with hooks {hooks!r:.40} refused")
-    return data
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> _TensorRef:
-    """torch._tensor._rebuild_from_type_v2 for plain tensors and Parameters."""
-    if (
-        func is not TORCH_GLOBALS["torch._utils", "_rebuild_tensor_v2"]
-        or new_type not in _TENSOR_TYPES
-    ):
-        rp.refuse(f"_rebuild_from_type_v2({func!r:.40}, {new_type!r:.40}) refused")
-    if state or not isinstance(args, tuple):
-        rp.refuse("_rebuild_from_type_v2 with tensor state refused")
-    return _rebuild_tensor_v2(*args)
-
-
-def _torch_size(dims: Any = ()) -> tuple[int, ...]:
-    """torch.Size(dims) as a tuple of ints."""
-    return rp.nonneg_ints(tuple(dims) if isinstance(dims, (tuple, list)) else dims, "torch.Size")
-
-
-_TENSOR_TYPES = (rp.Allowed("torch.Tensor"), rp.Allowed("torch.nn.parameter.Parameter"))
-TORCH_GLOBALS: dict[tuple[str, str], rp.Allowed] = {
-    **rp.NUMPY_GLOBALS,
-    ("torch._utils", "_rebuild_tensor_v2"): rp.Allowed("torch._rebuild_tensor_v2", _rebuild_tensor_v2),
-    ("torch._utils", "_rebuild_tensor"): rp.Allowed("torch._rebuild_tensor", _tensor_ref),
-    ("torch._utils", "_rebuild_parameter"): rp.Allowed("torch._rebuild_parameter", _rebuild_parameter),
-    ("torch._utils", "_rebuild_parameter_with_state"): rp.Allowed("torch._rebuild_parameter", _rebuild_parameter),
-    ("torch._tensor", "_rebuild_from_type_v2"): rp.Allowed("torch._rebuild_from_type_v2", _rebuild_from_type_v2),
-    ("torch", "Tensor"): _TENSOR_TYPES[0],
-    ("torch.nn.parameter", "Parameter"): _TENSOR_TYPES[1],
-    ("torch", "Size"): rp.Allowed("torch.Size", _torch_size),
-    **{("torch", name): rp.Allowed(f"torch.{name}", value=dt) for name, dt in _STORAGE_DTYPES.items()},
-    ("torch.storage", "UntypedStorage"): rp.Allowed("torch.UntypedStorage", value=_STORAGE_DTYPES["UntypedStorage"]),
-}  # fmt: skip
-_STORAGE_TYPES = {
-    id(a)
-    for (m, _), a in TORCH_GLOBALS.items()
-    if m in ("torch", "torch.storage") and a.value is not None
-}
-
-
-# Bookkeeping classes that checkpoints from elsewhere carry beside the weights (CompVis Stable
-# Diffusion .ckpt files key their callback state by Lightning's ModelCheckpoint class). Nothing
-# is imported: a bare class reads as its dotted name, an instance as a record of its attributes.
-INERT_CLASSES: tuple[tuple[str, str], ...] = (
-    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
-    ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"),
-)
-
-
-def _record_class(qualname: str) -> rp.Allowed:
-    """An inert class: its instances become attribute records; it is never imported."""
-
-    def new(*args: Any) -> rp.Record:
-        if args:
-            rp.refuse(
-                f"{qualname} with arguments {args!r:.40} refused: only its attributes are data"
-            )
-        return rp.Record(qualname)
-
-    return rp.Allowed(qualname, new, value=qualname, newobj=True)
-
-
-def _resolver(
-    script: bool, inert: Collection[tuple[str, str]]
-) -> Callable[[str, str], rp.Allowed | None]:
-    """Globals beyond TORCH_GLOBALS: the inert classes, and TorchScript's ``__torch__.*``."""
-
-    def resolve(module: str, name: str) -> rp.Allowed | None:
-        is_script = module == "__torch__" or module.startswith("__torch__.")
-        if (module, name) in inert or (script and is_script and name.isidentifier()):
-            return _record_class(f"{module}.{name}")
-        return None
-
-    return resolve
-
-
-# ---- pickles with storages ----
-
-
-def _persistent_storage(storages: dict[str, _Storage]) -> Callable[[Any], _Storage]:
-    """torch's persistent_load: ('storage', storage class, key, location, numel[, view])."""
-
-    def load(pid: Any) -> _Storage:
-        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
-            rp.refuse(f"persistent id {pid!r:.80} is not a torch storage")
-        _, kind, key, _location, numel = pid[:5]
-        if (
-            id(kind) not in _STORAGE_TYPES
-            or not isinstance(key, str)
-            or type(numel) is not int
-            or numel < 0
-        ):
-            rp.refuse(f"storage {pid!r:.80}: expected (storage class, str key, int numel)")
-        if len(pid) == 6 and pid[5] is not None:
-            rp.refuse(f"storage {key!r} is a legacy storage view (not supported)")
-        old = storages.setdefault(key, _Storage(key, kind.value, numel))
-        if old.dtype != kind.value or old.numel != numel:
-            rp.refuse(f"storage {key!r} is named with two dtypes or sizes")
-        return old
-
-    return load
-
-
-def _unpickle(data: bytes | memoryview, source: str, storages: dict[str, _Storage] | None,
-              script: bool = False, pos: int = 0,
-              inert: Collection[tuple[str, str]] = INERT_CLASSES) -> tuple[Any, int]:  # fmt: skip
-    """One restricted pickle of torch data: (its value, the byte after it)."""
-    u = rp.Unpickler(
-        data, pos=pos, source=source, allowed=TORCH_GLOBALS, leaf_types=(_TensorRef,),
-        resolve=_resolver(script, inert),
-        persistent_load=None if storages is None else _persistent_storage(storages),
-    )  # fmt: skip
-    return u.load(), u.pos
-
-
-def _read_storage(storage: _Storage, raw: bytes, byteorder: str, where: str) -> np.ndarray:
+def _read_storage(storage: Storage, raw: bytes, byteorder: str, where: str) -> np.ndarray:
     """A storage's elements from its raw bytes (exactly numel * itemsize of them)."""
     dtype = storage.dtype.newbyteorder(">" if byteorder == "big" else "<")
     if len(raw) < storage.numel * dtype.itemsize:
         raise CheckpointError(f"{where}: storage {storage.key} holds {len(raw)} bytes, "
                               f"expected {storage.numel} x {dtype.itemsize}")  # fmt: skip
     return np.frombuffer(raw, dtype, storage.numel)
-
-
-def _materialize(
-    x: Any, arrays: Mapping[str, np.ndarray], seen: dict[int, Any] | None = None
-) -> Any:
-    """x with every tensor view read from its storage (a contiguous native-endian copy)."""
-    seen = {} if seen is None else seen
-    if id(x) in seen:  # shared objects (and views of them) are read once
-        return seen[id(x)]
-    if isinstance(x, _TensorRef):
-        base = arrays[x.storage.key]
-        if 0 in x.size:
-            return np.zeros(x.size, base.dtype.newbyteorder("="))
-        strides = tuple(s * base.itemsize for s in x.stride)
-        view = np.lib.stride_tricks.as_strided(base[x.offset :], x.size, strides, writeable=False)
-        out: Any = np.array(view, base.dtype.newbyteorder("="), order="C")  # [*size], a copy
-    elif isinstance(x, dict):
-        out = {k: _materialize(v, arrays, seen) for k, v in x.items()}
-    elif isinstance(x, (list, tuple)):
-        out = type(x)(_materialize(v, arrays, seen) for v in x)
-    else:
-        return x
-    return seen.setdefault(id(x), out)
 
 
 # ---- torch zip archives (torch.save, torch.jit.save) ----
@@ -286,8 +89,8 @@ def _zip_root(zf: zipfile.ZipFile, where: str) -> str:
 def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, script: bool,
                      inert: Collection[tuple[str, str]] = INERT_CLASSES) -> Any:  # fmt: skip
     """``<root>/<name>.pkl`` with its tensors read from ``<root>/<name>/<key>``."""
-    storages: dict[str, _Storage] = {}
-    value, _ = _unpickle(
+    storages: dict[str, Storage] = {}
+    value, _ = unpickle(
         zf.read(f"{root}{name}.pkl"), f"{where}:{name}.pkl", storages, script, inert=inert
     )
     order = (
@@ -306,7 +109,7 @@ def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, scri
                                   f"expected {st.numel} x {st.dtype.itemsize}")  # fmt: skip
         with zf.open(member) as f:
             arrays[key] = _read_storage(st, f.read(nbytes), order, where)
-    return _materialize(value, arrays)
+    return materialize(value, arrays)
 
 
 def read_torchscript(path: str | os.PathLike) -> tuple[dict, tuple]:
@@ -344,16 +147,16 @@ def _read_torch_zip(where: str, inert: Collection[tuple[str, str]]) -> Any:
 
 def _read_legacy(where: str, data: bytes, inert: Collection[tuple[str, str]]) -> Any:
     """torch/serialization.py _legacy_load: header pickles, the object, keys, raw storages."""
-    magic, pos = _unpickle(data, where, None)
-    protocol, pos = _unpickle(data, where, None, pos=pos)
-    info, pos = _unpickle(data, where, None, pos=pos)
+    magic, pos = unpickle(data, where, None)
+    protocol, pos = unpickle(data, where, None, pos=pos)
+    info, pos = unpickle(data, where, None, pos=pos)
     if magic != _LEGACY_MAGIC or protocol != 1001 or not isinstance(info, dict):
         raise CheckpointError(
             f"{where}: not a torch file (magic {magic!r:.30}, protocol {protocol!r:.10})"
         )
-    storages: dict[str, _Storage] = {}
-    value, pos = _unpickle(data, where, storages, pos=pos, inert=inert)
-    keys, pos = _unpickle(data, where, None, pos=pos)
+    storages: dict[str, Storage] = {}
+    value, pos = unpickle(data, where, storages, pos=pos, inert=inert)
+    keys, pos = unpickle(data, where, None, pos=pos)
     order = "little" if info.get("little_endian", True) else "big"
     arrays = {}
     for key in keys if isinstance(keys, list) else ():
@@ -367,7 +170,7 @@ def _read_legacy(where: str, data: bytes, inert: Collection[tuple[str, str]]) ->
         raise CheckpointError(
             f"{where}: storages {sorted(set(storages) - set(arrays))[:3]} missing"
         )
-    return _materialize(value, arrays)
+    return materialize(value, arrays)
 
 
 # ---- safetensors (github.com/huggingface/safetensors, docs "format") ----
@@ -521,7 +324,7 @@ def read_checkpoint(
         data = Path(where).read_bytes()
         if kind == "legacy":
             return _read_legacy(where, data, inert)
-        return _materialize(_unpickle(data, where, None, inert=inert)[0], {})
+        return materialize(unpickle(data, where, None, inert=inert)[0], {})
     except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError,
             zlib.error, NotImplementedError, MemoryError) as e:  # fmt: skip
         msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
