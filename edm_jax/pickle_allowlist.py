@@ -180,7 +180,7 @@ def _dtype_class(name: str, spec: str) -> Allowed:
     def make(*args: Any) -> np.dtype:
         if args:
             refuse(f"numpy.dtypes.{name}{args!r:.40}: takes no arguments here")
-        return np.dtype(spec)
+        return np.dtype(spec, False, True)  # a copy: BUILD may set its byte order
 
     return Allowed(f"numpy.dtypes.{name}", make, value=type(np.dtype(spec)))
 

@@ -40,6 +40,7 @@ def test_state_dict_every_dtype_view_and_shared_storage(expected):
     sd = reader.read_state_dict(DATA / "torch_state_dict.pt")
     _check(sd, expected, "torch_state_dict")
     assert sd["dtype.bfloat16"].dtype == ml_dtypes.bfloat16 and sd["dtype.bool"].dtype == np.bool_
+    assert all(v.flags.writeable for v in sd.values())
     sd["shared.first"][0, 0] = 123.0  # views become independent copies
     assert sd["shared.second"].min() != 123.0 and sd["view.transposed"][0, 0] != 123.0
 

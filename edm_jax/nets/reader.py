@@ -20,6 +20,7 @@ file raises ``CheckpointError`` with one line naming the file and what was expec
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -62,13 +63,16 @@ _MAX_NODES = 10**7  # containers and leaves a checkpoint's tree may have (counte
 _STATE_KEYS = ("state_dict", "model", "model_ema", "ema", "module", "net", "params")
 
 
-def _read_storage(storage: Storage, raw: bytes, byteorder: str, where: str) -> np.ndarray:
-    """A storage's elements from its raw bytes (exactly numel * itemsize of them)."""
+def _read_storage(storage: Storage, f: Any, size: int, byteorder: str, where: str) -> np.ndarray:
+    """A storage's elements [numel] read from the file object f (size bytes available)."""
     dtype = storage.dtype.newbyteorder(">" if byteorder == "big" else "<")
-    if len(raw) < storage.numel * dtype.itemsize:
-        raise CheckpointError(f"{where}: storage {storage.key} holds {len(raw)} bytes, "
+    if size < storage.numel * dtype.itemsize:
+        raise CheckpointError(f"{where}: storage {storage.key} holds {size} bytes, "
                               f"expected {storage.numel} x {dtype.itemsize}")  # fmt: skip
-    return np.frombuffer(raw, dtype, storage.numel)
+    out = np.empty(storage.numel, dtype)  # read straight into a writable array
+    if storage.numel and f.readinto(out.view(np.uint8).data) != out.nbytes:
+        raise CheckpointError(f"{where}: storage {storage.key} ends early")
+    return out
 
 
 # ---- torch zip archives (torch.save, torch.jit.save) ----
@@ -103,12 +107,8 @@ def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, scri
         member = f"{root}{name}/{key}"
         if member not in zf.namelist():
             raise CheckpointError(f"{where}: storage {member} is missing")
-        nbytes = st.numel * st.dtype.itemsize
-        if zf.getinfo(member).file_size < nbytes:
-            raise CheckpointError(f"{where}: storage {key} holds {zf.getinfo(member).file_size} bytes, "
-                                  f"expected {st.numel} x {st.dtype.itemsize}")  # fmt: skip
         with zf.open(member) as f:
-            arrays[key] = _read_storage(st, f.read(nbytes), order, where)
+            arrays[key] = _read_storage(st, f, zf.getinfo(member).file_size, order, where)
     return materialize(value, arrays)
 
 
@@ -165,7 +165,8 @@ def _read_legacy(where: str, data: bytes, inert: Collection[tuple[str, str]]) ->
             raise CheckpointError(f"{where}: storage {key!r:.40} is unknown or truncated")
         numel = int.from_bytes(data[pos : pos + 8], "little")  # the size header is little-endian
         raw = data[pos + 8 : pos + 8 + numel * st.dtype.itemsize]
-        arrays[key], pos = _read_storage(st, raw, order, where), pos + 8 + len(raw)
+        arrays[key] = _read_storage(st, io.BytesIO(raw), len(raw), order, where)
+        pos += 8 + len(raw)
     if set(arrays) != set(storages):
         raise CheckpointError(
             f"{where}: storages {sorted(set(storages) - set(arrays))[:3]} missing"

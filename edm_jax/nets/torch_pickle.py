@@ -35,6 +35,7 @@ class Storage:
 
     def __init__(self, key: str, dtype: np.dtype, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
+        self.views = 0  # tensors made from it: one whole-storage tensor may take its array
 
 
 class TensorRef:
@@ -66,6 +67,7 @@ def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
         16 * storage.numel * storage.dtype.itemsize, _MAX_EXPAND
     ):
         rp.refuse(f"tensor {size} / {stride} expands its storage of {storage.numel} too far")
+    storage.views += 1
     return TensorRef(storage, offset, size, stride)
 
 
@@ -197,6 +199,18 @@ def unpickle(data: bytes | memoryview, source: str, storages: dict[str, Storage]
     return u.load(), u.pos
 
 
+def _owns_whole(x: TensorRef, base: np.ndarray) -> bool:
+    """Whether x is its storage's only tensor and covers it C-contiguously (base is writable)."""
+    if x.storage.views != 1 or x.offset != 0 or int(np.prod(x.size)) != base.size:
+        return False
+    expect = 1
+    for n, s in zip(reversed(x.size), reversed(x.stride), strict=True):
+        if n > 1 and s != expect:
+            return False
+        expect *= n
+    return base.dtype.isnative and base.flags.writeable
+
+
 def materialize(
     x: Any, arrays: Mapping[str, np.ndarray], seen: dict[int, Any] | None = None
 ) -> Any:
@@ -209,8 +223,13 @@ def materialize(
         if 0 in x.size:
             return np.zeros(x.size, base.dtype.newbyteorder("="))
         strides = tuple(s * base.itemsize for s in x.stride)
-        view = np.lib.stride_tricks.as_strided(base[x.offset :], x.size, strides, writeable=False)
-        out: Any = np.array(view, base.dtype.newbyteorder("="), order="C")  # [*size], a copy
+        if _owns_whole(x, base):
+            out: Any = base.reshape(x.size)  # no copy: the only tensor of this storage
+        else:
+            view = np.lib.stride_tricks.as_strided(
+                base[x.offset :], x.size, strides, writeable=False
+            )
+            out = np.array(view, base.dtype.newbyteorder("="), order="C")  # [*size], a copy
     elif isinstance(x, dict):
         out = {k: materialize(v, arrays, seen) for k, v in x.items()}
     elif isinstance(x, (list, tuple)):
