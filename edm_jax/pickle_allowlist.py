@@ -8,6 +8,7 @@ records. ``edm_jax.restricted_pickle`` is the interpreter that uses them.
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable
@@ -113,7 +114,7 @@ def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     """numpy's _frombuffer(buf, dtype, shape, order) (protocol 5 in-band): a copied array."""
     buf, dtype = _as_bytes(buf, "_frombuffer data"), _plain_dtype(dtype, "_frombuffer")
     shape = nonneg_ints(shape, "_frombuffer shape")
-    if order not in ("C", "F") or len(buf) != dtype.itemsize * int(np.prod(shape)):
+    if order not in ("C", "F") or len(buf) != dtype.itemsize * math.prod(shape):
         refuse(f"_frombuffer: {len(buf)} bytes, order {order!r:.10} do not make {dtype}{shape}")
     return np.frombuffer(buf, dtype).reshape(shape, order=order).copy(order="K")
 
@@ -129,8 +130,8 @@ def set_array_state(arr: np.ndarray, state: Any) -> None:
     raw = _as_bytes(raw, "ndarray data")
     if version != 1 or not isinstance(fortran, bool) or arr.shape != (0,):
         refuse(f"ndarray state version {version!r:.10}, is_fortran {fortran!r:.10} refused")
-    if len(raw) != dtype.itemsize * int(np.prod(shape)):
-        refuse(f"ndarray of {dtype}{shape} needs {dtype.itemsize * int(np.prod(shape))} bytes")
+    if len(raw) != dtype.itemsize * math.prod(shape):
+        refuse(f"ndarray of {dtype}{shape} needs {dtype.itemsize * math.prod(shape)} bytes")
     arr.__setstate__((1, shape, dtype, fortran, bytes(raw)))  # type: ignore[arg-type]
 
 

@@ -49,10 +49,10 @@ __all__ = [
 # ---- the interpreter (opcodes as in CPython Lib/pickle.py; protocols 0-5) ----
 
 _REFUSED_OPCODES = {
-    b"i": "INST", b"o": "OBJ", b"\x82": "EXT1", b"\x83": "EXT2", b"\x84": "EXT4",
-    b"\x97": "NEXT_BUFFER", b"\x98": "READONLY_BUFFER",
+    ord("i"): "INST", ord("o"): "OBJ", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4",
+    0x97: "NEXT_BUFFER", 0x98: "READONLY_BUFFER",
 }  # fmt: skip
-_MARK = object()
+_STRUCTS = {fmt: struct.Struct(fmt) for fmt in ("<i", "<B", "<H", "<I", "<Q", ">d")}
 
 
 class Unpickler:
@@ -72,18 +72,18 @@ class Unpickler:
 
     def load(self) -> Any:
         """The unpickled value (plain data), or UnsafePickleError naming what was refused."""
-        start = self.pos
+        start, data, end = self.pos, self.data, len(self.data)
         try:
             while True:
-                op = bytes(self.data[self.pos : self.pos + 1])
+                if self.pos >= end:
+                    refuse(f"truncated: no STOP opcode by byte {end}")
+                op = data[self.pos]
                 self.pos += 1
-                if op == b".":
+                if op == 0x2E:  # STOP
                     return _plain(self.stack.pop(), {}, self.leaf_types)
                 handler = _DISPATCH.get(op)
                 if handler is None:
-                    what = _REFUSED_OPCODES.get(
-                        op, f"unknown opcode {op!r}" if op else "end of data"
-                    )
+                    what = _REFUSED_OPCODES.get(op, f"unknown opcode {bytes([op])!r}")
                     refuse(f"{what} at byte {self.pos - 1} refused")
                 handler(self)
         except UnsafePickleError as e:
@@ -112,8 +112,13 @@ class Unpickler:
         return self.read(end + 1)[:-1]
 
     def unpack(self, fmt: str) -> Any:
-        """One struct value of little-endian format fmt."""
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        """One struct value of format fmt ('<i', '<B', '<H', '<I', '<Q' or '>d')."""
+        st = _STRUCTS[fmt]
+        if self.pos + st.size > len(self.data):
+            refuse(f"truncated: {st.size} bytes wanted at byte {self.pos} of {len(self.data)}")
+        value = st.unpack_from(self.data, self.pos)[0]
+        self.pos += st.size
+        return value
 
     def pop_mark(self) -> list[Any]:
         """The items pushed since the last MARK (removed from the stack)."""
@@ -316,7 +321,7 @@ def _string(u: Unpickler) -> str:
     return codecs.escape_decode(line[1:-1])[0].decode("latin-1")
 
 
-_DISPATCH: dict[bytes, Callable[[Unpickler], None]] = {
+_DISPATCH_BY_NAME: dict[bytes, Callable[[Unpickler], None]] = {
     b"\x80": _skip(1),  # PROTO
     b"\x95": _skip(8),  # FRAME (framing is only a hint)
     b"(": _mark,
@@ -384,3 +389,6 @@ def _after_mark(u: Unpickler) -> tuple[Any, list[Any]]:
     """(the object under the last MARK, the items above it): for APPENDS/SETITEMS/ADDITEMS."""
     items = u.pop_mark()
     return u.stack[-1], items
+
+
+_DISPATCH = {op[0]: handler for op, handler in _DISPATCH_BY_NAME.items()}  # keyed by opcode byte

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -97,18 +98,17 @@ def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, scri
     value, _ = unpickle(
         zf.read(f"{root}{name}.pkl"), f"{where}:{name}.pkl", storages, script, inert=inert
     )
-    order = (
-        zf.read(f"{root}byteorder").decode() if f"{root}byteorder" in zf.namelist() else "little"
-    )
+    members = {info.filename: info for info in zf.infolist()}
+    order = zf.read(f"{root}byteorder").decode() if f"{root}byteorder" in members else "little"
     if order not in ("little", "big"):
         raise CheckpointError(f"{where}: byteorder {order!r:.20}, expected 'little' or 'big'")
     arrays = {}
     for key, st in storages.items():
         member = f"{root}{name}/{key}"
-        if member not in zf.namelist():
+        if member not in members:
             raise CheckpointError(f"{where}: storage {member} is missing")
-        with zf.open(member) as f:
-            arrays[key] = _read_storage(st, f, zf.getinfo(member).file_size, order, where)
+        with zf.open(members[member]) as f:
+            arrays[key] = _read_storage(st, f, members[member].file_size, order, where)
     return materialize(value, arrays)
 
 
@@ -211,7 +211,7 @@ def _safetensors_entry(
         raise CheckpointError(f"{where}: bad safetensors entry {name!r}: {entry!r:.100} "
                               f"(dtype one of {list(SAFETENSORS_DTYPES)}, shape, data_offsets)")  # fmt: skip
     dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], offsets
-    if not 0 <= begin <= end <= data_bytes or end - begin != dtype.itemsize * int(np.prod(shape)):
+    if not 0 <= begin <= end <= data_bytes or end - begin != dtype.itemsize * math.prod(shape):
         raise CheckpointError(f"{where}: tensor {name!r} {entry['dtype']}{shape} at {offsets} "
                               f"does not fit the {data_bytes} data bytes")  # fmt: skip
     return dtype, tuple(shape), begin, end

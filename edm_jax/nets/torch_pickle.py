@@ -9,6 +9,7 @@ turns them into NumPy arrays once the storages' bytes are known. Nothing of torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -63,7 +64,7 @@ def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if 0 not in size and last >= storage.numel:
         rp.refuse(f"tensor {size} / {stride} at {offset} reads past its storage of {storage.numel}")
-    if int(np.prod(size)) * storage.dtype.itemsize > max(
+    if math.prod(size) * storage.dtype.itemsize > max(
         16 * storage.numel * storage.dtype.itemsize, _MAX_EXPAND
     ):
         rp.refuse(f"tensor {size} / {stride} expands its storage of {storage.numel} too far")
@@ -201,7 +202,7 @@ def unpickle(data: bytes | memoryview, source: str, storages: dict[str, Storage]
 
 def _owns_whole(x: TensorRef, base: np.ndarray) -> bool:
     """Whether x is its storage's only tensor and covers it C-contiguously (base is writable)."""
-    if x.storage.views != 1 or x.offset != 0 or int(np.prod(x.size)) != base.size:
+    if x.storage.views != 1 or x.offset != 0 or math.prod(x.size) != base.size:
         return False
     expect = 1
     for n, s in zip(reversed(x.size), reversed(x.stride), strict=True):
