@@ -191,14 +191,12 @@ _reconstruct = Allowed("numpy._reconstruct", _np_reconstruct)
 _scalar = Allowed("numpy.scalar", _np_scalar)
 _frombuffer = Allowed("numpy._frombuffer", _np_frombuffer)
 _dtype = Allowed("numpy.dtype", _np_dtype)
-_builtins = {
-    "list": Allowed("builtins.list", _container(list)),
-    "dict": Allowed("builtins.dict", _container(dict)),
-    "set": Allowed("builtins.set", _container(set)),
-    "frozenset": Allowed("builtins.frozenset", _container(frozenset)),
-    "bytes": Allowed("builtins.bytes", _bytes_like(bytes)),
-    "bytearray": Allowed("builtins.bytearray", _bytes_like(bytearray)),
-}
+_list = Allowed("builtins.list", _container(list))
+_dict = Allowed("builtins.dict", _container(dict))
+_set = Allowed("builtins.set", _container(set))
+_frozenset = Allowed("builtins.frozenset", _container(frozenset))
+_bytes = Allowed("builtins.bytes", _bytes_like(bytes))
+_bytearray = Allowed("builtins.bytearray", _bytes_like(bytearray))
 
 NUMPY_GLOBALS: dict[tuple[str, str], Allowed] = {
     ("numpy", "ndarray"): _ndarray,
@@ -225,6 +223,16 @@ NUMPY_GLOBALS: dict[tuple[str, str], Allowed] = {
     ("numpy.dtypes", "Complex128DType"): _dtype_class("Complex128DType", "c16"),
     ("collections", "OrderedDict"): Allowed("collections.OrderedDict", _container(OrderedDict)),
     ("_codecs", "encode"): Allowed("_codecs.encode", _encode),
-    **{("builtins", name): a for name, a in _builtins.items()},
-    **{("__builtin__", name): a for name, a in _builtins.items()},
+    ("builtins", "list"): _list,
+    ("builtins", "dict"): _dict,
+    ("builtins", "set"): _set,
+    ("builtins", "frozenset"): _frozenset,
+    ("builtins", "bytes"): _bytes,
+    ("builtins", "bytearray"): _bytearray,
+    ("__builtin__", "list"): _list,  # protocol <= 2 spells builtins '__builtin__'
+    ("__builtin__", "dict"): _dict,
+    ("__builtin__", "set"): _set,
+    ("__builtin__", "frozenset"): _frozenset,
+    ("__builtin__", "bytes"): _bytes,
+    ("__builtin__", "bytearray"): _bytearray,
 }

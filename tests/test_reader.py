@@ -301,3 +301,19 @@ def test_lightning_bookkeeping_classes_are_inert(tmp_path):
     (tmp_path / "other.ckpt").write_bytes(_lightning_pickle(("os", "system")))
     with pytest.raises(CheckpointError, match=r"refusing to load os\.system"):
         reader.read_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_allow_list_is_exact_pairs(tmp_path):
+    """No dotted name can be looked up; a persistent id must name a storage class."""
+    from edm_jax.nets.torch_pickle import TORCH_GLOBALS
+
+    assert all(
+        name.isidentifier() and module.replace(".", "_").isidentifier()
+        for module, name in TORCH_GLOBALS
+    )
+    raw = np.arange(6, dtype="<f4").tobytes()
+    bad = _tensor_pickle(6, 0, (6,), (1,)).replace(
+        b"ctorch\nFloatStorage\n", b"ccollections\nOrderedDict\n"
+    )
+    with pytest.raises(CheckpointError, match=r"expected \(storage class, str key, int numel\)"):
+        reader.read_checkpoint(_zip_with(tmp_path, bad, raw))

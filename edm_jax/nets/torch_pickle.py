@@ -20,14 +20,6 @@ from edm_jax import restricted_pickle as rp
 
 __all__ = ["INERT_CLASSES", "TORCH_GLOBALS", "Storage", "TensorRef", "materialize", "unpickle"]
 
-# torch storage classes (torch/storage.py _dtype_to_storage_type_map) -> NumPy dtype
-_STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype("f8"), "FloatStorage": np.dtype("f4"),
-    "HalfStorage": np.dtype("f2"), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype("i8"), "IntStorage": np.dtype("i4"), "ShortStorage": np.dtype("i2"),
-    "CharStorage": np.dtype("i1"), "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
-    "UntypedStorage": np.dtype("u1"),
-}  # fmt: skip
 _MAX_EXPAND = 2**30  # bytes a stride-0 (expanded) tensor may grow to beyond 16x its storage
 
 
@@ -104,7 +96,13 @@ def _torch_size(dims: Any = ()) -> tuple[int, ...]:
     return rp.nonneg_ints(tuple(dims) if isinstance(dims, (tuple, list)) else dims, "torch.Size")
 
 
+def _storage(name: str, dtype: Any) -> rp.Allowed:
+    """A torch storage class (only named in persistent ids): its value is the element dtype."""
+    return rp.Allowed(f"torch.{name}", value=np.dtype(dtype))
+
+
 _TENSOR_TYPES = (rp.Allowed("torch.Tensor"), rp.Allowed("torch.nn.parameter.Parameter"))
+_UNTYPED = _storage("UntypedStorage", "u1")
 TORCH_GLOBALS: dict[tuple[str, str], rp.Allowed] = {
     **rp.NUMPY_GLOBALS,
     ("torch._utils", "_rebuild_tensor_v2"): rp.Allowed("torch._rebuild_tensor_v2", _rebuild_tensor_v2),
@@ -115,14 +113,21 @@ TORCH_GLOBALS: dict[tuple[str, str], rp.Allowed] = {
     ("torch", "Tensor"): _TENSOR_TYPES[0],
     ("torch.nn.parameter", "Parameter"): _TENSOR_TYPES[1],
     ("torch", "Size"): rp.Allowed("torch.Size", _torch_size),
-    **{("torch", name): rp.Allowed(f"torch.{name}", value=dt) for name, dt in _STORAGE_DTYPES.items()},
-    ("torch.storage", "UntypedStorage"): rp.Allowed("torch.UntypedStorage", value=_STORAGE_DTYPES["UntypedStorage"]),
+    # storage classes: torch/storage.py _dtype_to_storage_type_map
+    ("torch", "DoubleStorage"): _storage("DoubleStorage", "f8"),
+    ("torch", "FloatStorage"): _storage("FloatStorage", "f4"),
+    ("torch", "HalfStorage"): _storage("HalfStorage", "f2"),
+    ("torch", "BFloat16Storage"): _storage("BFloat16Storage", ml_dtypes.bfloat16),
+    ("torch", "LongStorage"): _storage("LongStorage", "i8"),
+    ("torch", "IntStorage"): _storage("IntStorage", "i4"),
+    ("torch", "ShortStorage"): _storage("ShortStorage", "i2"),
+    ("torch", "CharStorage"): _storage("CharStorage", "i1"),
+    ("torch", "ByteStorage"): _storage("ByteStorage", "u1"),
+    ("torch", "BoolStorage"): _storage("BoolStorage", "?"),
+    ("torch", "UntypedStorage"): _UNTYPED,
+    ("torch.storage", "UntypedStorage"): _UNTYPED,
 }  # fmt: skip
-_STORAGE_TYPES = {
-    id(a)
-    for (m, _), a in TORCH_GLOBALS.items()
-    if m in ("torch", "torch.storage") and a.value is not None
-}
+_STORAGE_TYPES = {id(a) for a in TORCH_GLOBALS.values() if a.qualname.endswith("Storage")}
 
 
 # Bookkeeping classes that checkpoints from elsewhere carry beside the weights (CompVis Stable
