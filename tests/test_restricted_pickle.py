@@ -52,6 +52,7 @@ def _payloads(marker) -> dict[str, bytes]:
         "numpy dotted __builtins__.get": _wrap(_call(_call(_g4("numpy", "testing.__builtins__.get"), _str("eval")), _str(code))),
         "numpy.testing runstring": _wrap(_call(_g4("numpy.testing._private.utils", "runstring"), _str(code), b"}")),
         "numpy.savetxt": _wrap(_call(_g4("numpy", "savetxt"), _str(str(marker)), b"]K\x01a")),
+        "numpy.lib savetxt": _wrap(_call(_g4("numpy.lib._npyio_impl", "savetxt"), _str(str(marker)), b"]K\x01a")),
         "numpy.f2py os.system": _wrap(_call(_g4("numpy.f2py", "os.system"), _str(touch))),
         "builtins.eval": _wrap(_call(_g4("builtins", "eval"), _str(code))),
         "builtins.exec": _wrap(_call(_g4("builtins", "exec"), _str(code))),
