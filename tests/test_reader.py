@@ -112,7 +112,7 @@ def test_malicious_torch_zip_refused(tmp_path, monkeypatch):
     _TorchStubUnpickler(io.BytesIO(data)).load()
     assert marker.exists(), "the payload should be live for the standard pickle"
     marker.unlink()
-    for read in (reader.read_checkpoint, reader.read_state_dict):
+    for read in (reader.read_checkpoint, reader.read_state_dict, reader.read_torchscript):
         with pytest.raises(
             CheckpointError, match=r"torch_malicious.pt:data.pkl: refusing to load posix.system"
         ):

@@ -13,13 +13,14 @@ format is found from the file's bytes, not its name:
 - safetensors: an 8-byte header length, a JSON header, raw little-endian data;
 - a plain pickle of NumPy data (e.g. an edm2 ``.pkl`` of arrays).
 
-Tensors come back as NumPy arrays (bfloat16 as ``ml_dtypes.bfloat16``), each a contiguous
-copy, so views and shared storages are independent arrays. A truncated, foreign or hostile
+Tensors come back as writable NumPy arrays (bfloat16 as ``ml_dtypes.bfloat16``), each its
+own contiguous array: views and tensors sharing a storage are copied apart. A truncated, foreign or hostile
 file raises ``CheckpointError`` with one line naming the file and what was expected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -27,7 +28,7 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ def _read_zip_pickle(zf: zipfile.ZipFile, root: str, name: str, where: str, scri
 def read_torchscript(path: str | os.PathLike) -> tuple[dict, tuple]:
     """A TorchScript archive's (module attributes, constants) as data; its code is never read."""
     where = os.fspath(path)
-    with _open_zip(where) as zf:
+    with _one_line_errors(where), _open_zip(where) as zf:
         root = _zip_root(zf, where)
         module = _read_zip_pickle(zf, root, "data", where, script=True)
         consts = ()
@@ -306,6 +307,17 @@ def _sniff(where: str) -> str:
                           "legacy torch file, safetensors or pickle")  # fmt: skip
 
 
+@contextlib.contextmanager
+def _one_line_errors(where: str) -> Iterator[None]:
+    """Turn a refused or malformed file's errors into one-line CheckpointErrors naming it."""
+    try:
+        yield
+    except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError,
+            zlib.error, NotImplementedError, MemoryError) as e:  # fmt: skip
+        msg = str(e) if str(e).startswith(where) else f"{where}: {type(e).__name__}: {e}"
+        raise CheckpointError(msg.replace("\n", " ")) from None
+
+
 def read_checkpoint(
     path: str | os.PathLike, *, inert: Collection[tuple[str, str]] = INERT_CLASSES
 ) -> Any:
@@ -316,7 +328,7 @@ def read_checkpoint(
     where = os.fspath(path)
     if not os.path.isfile(where):
         raise FileNotFoundError(f"checkpoint not found: {where}")
-    try:
+    with _one_line_errors(where):
         kind = _sniff(where)
         if kind == "safetensors":
             return read_safetensors(where)[0]
@@ -326,17 +338,13 @@ def read_checkpoint(
         if kind == "legacy":
             return _read_legacy(where, data, inert)
         return materialize(unpickle(data, where, None, inert=inert)[0], {})
-    except (rp.UnsafePickleError, RecursionError, KeyError, zipfile.BadZipFile, EOFError,
-            zlib.error, NotImplementedError, MemoryError) as e:  # fmt: skip
-        msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
-        raise CheckpointError(msg.replace("\n", " ")) from None
 
 
 def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray], budget: list[int]) -> None:
     """The array leaves of nested dicts as out['a.b.c'] (at most _MAX_NODES visits)."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise CheckpointError(f"more than {_MAX_NODES} entries (shared sub-dicts nested too often)")
+        raise RecursionError(f"more than {_MAX_NODES} entries (shared sub-dicts nested too often)")
     if isinstance(tree, np.ndarray):
         out[prefix] = tree
     elif isinstance(tree, dict):
@@ -367,12 +375,9 @@ def read_state_dict(path: str | os.PathLike, prefix: str | None = None, key: str
     """Flat ``{name: array}`` of a checkpoint's weights (under key / prefix, prefix stripped)."""
     where = os.fspath(path)
     flat: dict[str, np.ndarray] = {}
-    try:
-        _flatten(
-            _state_tree(read_checkpoint(where, inert=inert), key, where), "", flat, [_MAX_NODES]
-        )
-    except RecursionError:
-        raise CheckpointError(f"{where}: dicts nested too deeply") from None
+    tree = _state_tree(read_checkpoint(where, inert=inert), key, where)
+    with _one_line_errors(where):
+        _flatten(tree, "", flat, [_MAX_NODES])
     if prefix is not None:
         flat = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     if not flat:
