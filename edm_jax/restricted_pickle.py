@@ -2,9 +2,9 @@
 
 A small pickle-opcode interpreter written out here, not ``pickle.Unpickler``: nothing is
 ever imported or looked up by name. A global is an exact ``(module, name)`` pair of an
-allow-list (``NUMPY_GLOBALS`` of ``pickle_allowlist``, extended by callers such as ``nets/reader.py`` with torch's
-tensor rebuilders); it resolves to an ``Allowed`` entry whose checked function rebuilds a
-plain value from plain arguments. REDUCE / NEWOBJ run only those functions, BUILD only
+allow-list (``NUMPY_GLOBALS`` of ``pickle_allowlist``, extended by callers such as
+``nets/torch_pickle.py`` with torch's tensor rebuilders); it resolves to an ``Allowed`` entry
+whose checked function rebuilds a plain value from plain arguments. REDUCE / NEWOBJ run only those functions, BUILD only
 restores the state of NumPy arrays and dtypes (validated first) and of attribute records.
 Everything else (INST / OBJ / EXT opcodes, out-of-band buffers, any other global or
 callable, persistent ids without a hook) raises ``UnsafePickleError`` naming what was refused.

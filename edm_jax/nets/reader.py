@@ -2,9 +2,8 @@
 
 Files from elsewhere are read as data and never executed. Every pickle goes through
 ``edm_jax.restricted_pickle`` with torch's tensor rebuilders added as checked functions
-(``nets/torch_pickle.py``);
-TorchScript objects become plain attribute dicts and their ``code/`` is never read. The
-format is found from the file's bytes, not its name:
+(``nets/torch_pickle.py``); TorchScript objects become plain attribute dicts and their
+``code/`` is never read. The format is found from the file's bytes, not its name:
 
 - torch zip (``torch.save`` since 1.6): ``<root>/data.pkl`` + storages ``<root>/data/<key>``
   (torch/serialization.py ``_save`` / ``_load``), little- or big-endian (``<root>/byteorder``);
