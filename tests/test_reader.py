@@ -120,12 +120,12 @@ def test_malicious_torch_zip_refused(tmp_path, monkeypatch):
         assert not marker.exists()
 
 
-def _zip_with(tmp_path, pkl: bytes, storage: bytes) -> Path:
+def _zip_with(tmp_path, pkl: bytes, storage: bytes, byteorder: str = "little") -> Path:
     """A torch-layout zip holding data.pkl and one storage data/0."""
     path = tmp_path / "x.pt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("x/data.pkl", pkl)
-        z.writestr("x/byteorder", "little")
+        z.writestr("x/byteorder", byteorder)
         z.writestr("x/data/0", storage)
     return path
 
@@ -150,6 +150,10 @@ def test_hand_made_zip_and_its_bounds(tmp_path):
     raw = np.arange(6, dtype="<f4").tobytes()
     ok = reader.read_checkpoint(_zip_with(tmp_path, _tensor_pickle(6, 1, (2, 2), (1, 3)), raw))
     np.testing.assert_array_equal(ok, [[1, 4], [2, 5]])
+    big = np.arange(6, dtype=">f4").tobytes()  # torch on a big-endian machine
+    ok = reader.read_checkpoint(_zip_with(tmp_path, _tensor_pickle(6, 0, (6,), (1,)), big, "big"))
+    assert ok.dtype == np.float32 and ok.dtype.isnative
+    np.testing.assert_array_equal(ok, np.arange(6))
     with pytest.raises(CheckpointError, match=r"reads past its storage of 6"):
         reader.read_checkpoint(_zip_with(tmp_path, _tensor_pickle(6, 2, (2, 2), (1, 3)), raw))
     with pytest.raises(CheckpointError, match=r"storage 0 holds 20 bytes, expected 6 x 4"):
