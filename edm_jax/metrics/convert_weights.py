@@ -1,6 +1,6 @@
 """Detector weights: torch state_dicts (.pth, or .npz of torch names) <-> Flax params.
 
-Command line (needs torch only to read a .pth):
+Command line (torch is not needed: .pth files are read as data by ``edm_jax.nets.reader``):
 
     python -m edm_jax.metrics.convert_weights inception pt_inception-2015-12-05-6726825d.pth inception.npz
     python -m edm_jax.metrics.convert_weights dinov2 dinov2_vitl14_pretrain.pth dinov2_vitl14.npz
@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
+
+from edm_jax.nets import reader
 
 _LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
 _PART = {"patch_embed_proj": "patch_embed.proj"}
@@ -82,32 +84,23 @@ def _more(keys: list) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """name -> array of a .npz (torch names, or ``param/<name>`` as the fixtures) or a .pth (torch)."""
+    """name -> array of a .npz (torch names, or ``param/<name>``) or a torch file (no torch needed)."""
     path = os.fspath(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             if any(k.startswith("param/") for k in z.files):
                 return {k[6:]: z[k] for k in z.files if k.startswith("param/")}
             return {k: z[k] for k in z.files}
-    if path.endswith((".pth", ".pt")):
-        return _read_pth(path)
-    raise ValueError(f"weights file {path!r}: unknown extension; valid: .npz, .pth, .pt")
-
-
-def _read_pth(path: str) -> dict[str, np.ndarray]:
-    """state_dict of a torch .pth as float NumPy arrays (needs torch)."""
-    try:
-        import torch  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise ImportError(
-            f"reading {path!r} needs torch; convert it where torch is installed with "
-            "`python -m edm_jax.metrics.convert_weights <name> IN.pth OUT.npz` and pass the .npz"
-        ) from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")}
+    if path.endswith(_TORCH_SUFFIXES):
+        # read as data by the restricted reader; a checkpoint's 'state_dict' is found inside
+        return {k: np.asarray(v, np.float32) for k, v in reader.read_state_dict(path).items()}
+    raise ValueError(
+        f"weights file {path!r}: unknown extension; valid: .npz, {', '.join(_TORCH_SUFFIXES)}"
+    )
 
 
 def write_npz(state_dict: Mapping[str, np.ndarray], out: str | os.PathLike) -> None:
@@ -148,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Check a detector's torch weights and export them to .npz (torch names).",
     )
     parser.add_argument("name", choices=sorted(DETECTORS))
-    parser.add_argument("src", help="state_dict: .pth (needs torch) or .npz")
+    parser.add_argument("src", help="state_dict: .pth / .pt / .safetensors or .npz")
     parser.add_argument("out", help="output .npz")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.src):

@@ -183,7 +183,7 @@ def _missing_message(name: str, weights: Any) -> str:
     return (
         f"{where}; download {spec.filename} from {spec.url} and convert it with "
         f"`python -m edm_jax.metrics.convert_weights {name} {spec.filename} {spec.npz_name}` "
-        f"(or pass the .pth if torch is installed; default folder ${WEIGHTS_DIR_ENV} or "
+        f"(or pass the .pth itself, read as data without torch; default folder ${WEIGHTS_DIR_ENV} or "
         f"~/.cache/edm_jax)"
     )
 
@@ -230,7 +230,7 @@ def _config_json(path: str) -> dict | None:
 def load_detector(
     name: str, weights: str | os.PathLike | None, *, dtype: Any = jnp.float32
 ) -> Detector:
-    """Detector ``name`` with weights from a .npz (torch names) or .pth (needs torch).
+    """Detector ``name`` with weights from a .npz (torch names) or .pth (read without torch).
 
     weights=None looks in $EDM_JAX_WEIGHTS and ~/.cache/edm_jax. Raises one clear line for an
     unknown name, a missing file (where to download it) or wrong keys (the first one named).

@@ -6,15 +6,14 @@ stores it (``'fid'`` for Inception-v3, ``'fd_dinov2'`` for DINOv2), plus ``{'kid
 
 - ``.npz`` (edm): ``mu`` and ``sigma`` are the FID statistics; ``fd_dinov2_mu`` /
   ``fd_dinov2_sigma`` and ``kid_features`` are edm_jax's additions.
-- ``.pkl`` (edm2): the pickled dict itself, read as plain data by an Unpickler that only
-  rebuilds NumPy arrays and builtin dicts and lists; any other class is refused.
+- ``.pkl`` (edm2): the pickled dict itself, read as plain data by ``restricted_pickle``
+  (NumPy arrays in plain containers; anything that would run code is refused).
 
 Files are written to a temp file beside the target and renamed over it.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import tempfile
@@ -23,31 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from edm_jax import restricted_pickle
+
 __all__ = ["FRECHET_METRICS", "check_ref", "load_ref", "save_ref"]
 
 FRECHET_METRICS = ("fid", "fd_dinov2")
 _NPZ_KEYS = {("fid", "mu"): "mu", ("fid", "sigma"): "sigma",
              ("fd_dinov2", "mu"): "fd_dinov2_mu", ("fd_dinov2", "sigma"): "fd_dinov2_sigma",
              ("kid", "features"): "kid_features"}  # fmt: skip
-_SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "dict"), ("builtins", "list"),
-}  # fmt: skip
 SUFFIXES = (".npz", ".pkl")
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds only NumPy arrays/dtypes and builtin dicts/lists."""
-
-    def find_class(self, module: str, name: str):
-        """The allowed class, or UnpicklingError naming the refused one."""
-        if (module, name) in _SAFE_GLOBALS or module.startswith("numpy.dtypes"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: a reference .pkl may only hold NumPy arrays "
-            "in dicts ({'fid': {'mu', 'sigma'}, 'fd_dinov2': {...}})"
-        )
 
 
 def _check_suffix(path: Path) -> None:
@@ -85,8 +68,7 @@ def load_ref(path) -> dict[str, dict[str, np.ndarray]]:
             "`python -m edm_jax.metrics ref` or download NVlabs/edm fid-refs / edm2 dataset-refs"
         )
     if path.suffix == ".pkl":
-        with open(path, "rb") as f:
-            return _from_pkl(_PlainUnpickler(io.BytesIO(f.read())).load(), path)
+        return _from_pkl(restricted_pickle.loads(path.read_bytes(), source=str(path)), path)
     ref: dict[str, dict[str, np.ndarray]] = {}
     with np.load(path, allow_pickle=False) as f:
         for (metric, key), name in _NPZ_KEYS.items():

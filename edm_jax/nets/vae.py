@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from edm_jax.nets import reader
+
 __all__ = [
     "VAE_PRESETS",
     "AutoencoderKL",
@@ -387,24 +389,13 @@ def load_vae_npz(vae: AutoencoderKL, path: str | os.PathLike, prefix: str = "") 
 
 
 def read_torch_weights(path: str) -> dict[str, np.ndarray]:
-    """A diffusers state_dict from .safetensors (safetensors) or .bin/.pt/.ckpt (torch)."""
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs safetensors: pip install safetensors") from e
-        return dict(load_file(path))
-    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs PyTorch: pip install torch") from e
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
-        return {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "numpy")}
-    raise ValueError(
-        f"unknown weights format {path!r}; valid: .safetensors, .bin, .pt, .pth, .ckpt"
-    )
+    """A diffusers state_dict (float32) from .safetensors/.bin/.pt/.pth/.ckpt, read without torch."""
+    if not path.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
+        raise ValueError(
+            f"unknown weights format {path!r}; valid: .safetensors, .bin, .pt, .pth, .ckpt"
+        )
+    sd = reader.read_state_dict(path)  # a .ckpt's 'state_dict' is found by the reader
+    return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
 def convert_main(argv: Sequence[str] | None = None) -> None:
@@ -428,7 +419,7 @@ def convert_main(argv: Sequence[str] | None = None) -> None:
                 spec = json.load(f)
         sd = read_torch_weights(args.src)
         from_state_dict(build_vae(spec), sd)  # checks every key and shape before writing
-    except (ImportError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     sd = {_modern_name(k): np.asarray(v, np.float32) for k, v in sd.items()}
     tmp = args.dest[: -len(".npz")] + ".tmp.npz"
