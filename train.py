@@ -10,6 +10,7 @@ with another config) prints one line ``error: ...`` and exits 2; a run that cann
 the full traceback instead.
 """
 
+import os
 import re
 import sys
 
@@ -91,8 +92,23 @@ def main(argv):
     except (NonFiniteLossError, CheckpointSaveError, WorkdirLockedError, *USER_ERRORS) as e:
         if DEBUG.value:
             raise
-        print(_one_line(e), file=sys.stderr)
-        sys.exit(2 if isinstance(e, (WorkdirLockedError, *USER_ERRORS)) else 1)
+        _quiet_exit(2 if isinstance(e, (WorkdirLockedError, *USER_ERRORS)) else 1, _one_line(e))
+
+
+def _quiet_exit(code: int, line: str) -> None:
+    """Print the one error line and leave at once.
+
+    After a failed save (a full disk) orbax's background threads and asyncio futures would
+    print hundreds of lines of tracebacks at interpreter exit; the run's own cleanup (lock,
+    checkpointer, data workers) has already happened in train()'s finally. --debug shows
+    the traceback instead.
+    """
+    import logging as std_logging
+
+    std_logging.disable(std_logging.CRITICAL)
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

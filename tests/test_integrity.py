@@ -261,3 +261,49 @@ def test_dataset_tool_skips_a_decompression_bomb(tmp_path):
     res = subprocess.run([*cmd, "--skip-bad"], env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "bomb.png" in res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- issue 23.8
+
+FULL_DISK = r"""
+import asyncio, sys, threading, time
+import orbax.checkpoint as ocp
+
+def full_disk(self, step, *args, **kwargs):
+    def background():  # what orbax's own threads do after a failed write
+        time.sleep(0.5)
+        raise RuntimeError("background save thread failed")
+    threading.Thread(target=background).start()
+    loop = asyncio.new_event_loop()
+    fut = loop.create_future()
+    fut.set_exception(OSError(28, "No space left on device"))  # never retrieved
+    raise OSError(28, "No space left on device")
+
+ocp.CheckpointManager.save = full_disk
+root = sys.argv[1]
+sys.argv = [root + "/train.py", *sys.argv[2:]]
+sys.path.insert(0, root)
+import runpy
+runpy.run_path(root + "/train.py", run_name="__main__")
+"""
+
+
+def test_full_disk_is_one_line(tmp_path):
+    cmd = [sys.executable, "-c", FULL_DISK, str(ROOT), f"--config={ROOT / 'configs' / 'tiny.py'}",
+           f"--workdir={tmp_path}"]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "GiB free" in lines[0], (
+        lines
+    )
+
+
+def test_diverged_parameters_are_never_saved():
+    from edm_jax.train.reporting import NonFiniteLossError, check_params
+
+    check_params({"w": np.ones((3, 3)), "b": -np.ones(2)}, 5)
+    with pytest.raises(NonFiniteLossError, match=r"diverged at step 7 \(max \|\['w'\]\| = 3e\+11"):
+        check_params({"w": np.full((2,), 3e11), "b": np.ones(2)}, 7)
+    with pytest.raises(NonFiniteLossError, match=r"\['b'\]\| = nan"):
+        check_params({"w": np.ones(2), "b": np.array([1.0, np.nan])}, 7)

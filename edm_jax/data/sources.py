@@ -32,6 +32,7 @@ class ImageSource:
     channels: int
     num_classes: int
     _labels: np.ndarray | None  # int32 [N] or None
+    class_names: list[str] | None = None  # names of the classes, where the data has them
 
     def __len__(self) -> int:
         """Number of images."""
@@ -350,6 +351,5 @@ def cache_in_memory(source: ImageSource, chunk: int = 1024) -> ArraySource:
         name=f"cached {source!r}",
     )
     cached.num_classes = source.num_classes  # declared classes may exceed the largest label
-    if getattr(source, "class_names", None):
-        cached.class_names = source.class_names
+    cached.class_names = source.class_names
     return cached

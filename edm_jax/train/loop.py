@@ -30,7 +30,7 @@ from edm_jax.nets.presets import resolve_arch
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
-from edm_jax.train.reporting import Reporter, summarize_rows
+from edm_jax.train.reporting import Reporter, check_params, summarize_rows
 from edm_jax.train.state import optim_schedule
 from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 from edm_jax.train.validate import check_numbers_and_platform, validate_config, validate_data
@@ -202,7 +202,12 @@ class _StopFlag:
 
 
 def _save(run: Run, step: int) -> None:
-    """Checkpoint state, data position, config and model spec at step (async)."""
+    """Checkpoint state, data position, config and model spec at step (async).
+
+    The parameters and their EMA are checked first (finite, below a sane size): a diverged
+    state is never saved over the last good one.
+    """
+    check_params({"params": run.state.params, "ema": run.state.ema}, step)
     run.checkpointer.save(step, run.state, run.pipeline.get_state(), to_json(run.config), run.spec)
 
 

@@ -7,17 +7,44 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from edm_jax.fileio import free_space
 
-__all__ = ["NonFiniteLossError", "Reporter", "append_line", "repair_stats", "summarize_rows"]
+__all__ = [
+    "NonFiniteLossError", "Reporter", "append_line", "check_params", "repair_stats",
+    "summarize_rows",
+]  # fmt: skip
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss became NaN or infinite."""
+
+
+# No trained network weight comes near this; past it a run has diverged (lr far too high)
+# even if its loss is still finite, and a checkpoint of it would only hide the last good one.
+PARAM_BOUND = 1e6
+
+
+def check_params(tree: Any, step: int, what: str = "parameters") -> None:
+    """Raise NonFiniteLossError unless every leaf is finite and below PARAM_BOUND in size."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        return
+    sizes = jax.device_get([jnp.max(jnp.abs(x.astype(jnp.float32))) for _, x in leaves])
+    worst = int(np.argmax([s if np.isfinite(s) else np.inf for s in sizes]))
+    size = float(sizes[worst])
+    if not math.isfinite(size) or size > PARAM_BOUND:
+        name = jax.tree_util.keystr(leaves[worst][0])
+        raise NonFiniteLossError(
+            f"the {what} diverged at step {step} (max |{name}| = {size:.3g}, bound "
+            f"{PARAM_BOUND:.0e}); stopping without saving them. The last good checkpoint is "
+            "kept; lower optim.lr or set optim.grad_clip."
+        )
 
 
 def summarize_rows(rows: list[dict]) -> dict:
