@@ -144,8 +144,12 @@ def _template(net: nn.Module) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(shapes)
 
 
+@functools.lru_cache(maxsize=16)
 def name_map(net: nn.Module) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
-    """Reference name -> (Flax path, layout, reference shape), for every parameter of net."""
+    """Reference name -> (Flax path, layout, reference shape), for every parameter of net.
+
+    Cached per network (a trace of its init); treat the returned dict as read-only.
+    """
     prefixes = _prefixes(net)
     out = {}
     for path, leaf in _template(net).items():
