@@ -11,7 +11,6 @@ from edm_jax.nets import convert_openai as co
 from edm_jax.nets import openai_unet as ou
 from edm_jax.nets.model import count_params
 
-
 # Tiny nets compile 3-4x faster without LLVM's expensive passes (same values).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -48,7 +47,9 @@ def gd_net(config: dict):
         kw["attention_resolutions"] = tuple(kw["attention_resolutions"])
         return ou.openai_unet(**kw)
     args = ou.create_model.__code__.co_varnames[: ou.create_model.__code__.co_argcount]
-    return ou.create_model(**{k: v for k, v in call["create_model_and_diffusion"].items() if k in args})
+    return ou.create_model(
+        **{k: v for k, v in call["create_model_and_diffusion"].items() if k in args}
+    )
 
 
 @pytest.fixture(scope="module", params=["gd_legacy", "gd_newattn", "gd_halfmult"])
@@ -134,9 +135,7 @@ def released(fixtures_dir):
         return {**json.loads(str(d["models_json"])), **json.loads(str(d["classifiers_json"]))}
 
 
-@pytest.mark.parametrize(
-    "name", [*ou.GUIDED_DIFFUSION_MODELS, *ou.GUIDED_DIFFUSION_CLASSIFIERS]
-)
+@pytest.mark.parametrize("name", [*ou.GUIDED_DIFFUSION_MODELS, *ou.GUIDED_DIFFUSION_CLASSIFIERS])
 def test_released_configurations(released, name):
     """Exact key -> shape set and parameter count of each released model (eval_shape only)."""
     ref = released[name]
@@ -157,7 +156,9 @@ def test_wrong_family_names_first_mismatching_key(fixtures_dir, gd_case):
     """Another size, another family, a missing label table: the first bad key is named."""
     _, _, sd, net, _ = gd_case
     _, _, sd1 = load(fixtures_dir, "sd1")
-    with pytest.raises(ValueError, match=r"first mismatching key '(time_embed\.0|input_blocks\.0\.0)\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"first mismatching key '(time_embed\.0|input_blocks\.0\.0)\.weight'"
+    ):
         co.from_openai_state_dict(sd1, net)  # 4 latent channels: the first conv differs
     other = {"gd_legacy": "gd_halfmult", "gd_newattn": "gd_legacy", "gd_halfmult": "gd_legacy"}
     _, config, _ = load(fixtures_dir, other[gd_case[1]["case"]])

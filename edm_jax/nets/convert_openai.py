@@ -51,7 +51,10 @@ _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 def _prefixes(net: Any) -> dict[str, tuple[str, str | None, str]]:
     """Flax top-level module -> (torch prefix, torch prefix of its attention, plan kind)."""
     enc, dec = dhariwal_unet_plan(net)
-    out = {f"enc_{s.name}": (f"input_blocks.{i}.0", f"input_blocks.{i}.1", s.kind) for i, s in enumerate(enc)}
+    out: dict[str, tuple[str, str | None, str]] = {
+        f"enc_{s.name}": (f"input_blocks.{i}.0", f"input_blocks.{i}.1", s.kind)
+        for i, s in enumerate(enc)
+    }
     out[f"dec_{dec[0].name}"] = ("middle_block.0", "middle_block.1", "block")
     out[f"dec_{dec[1].name}"] = ("middle_block.2", None, "block")
     k, j = -1, 0
@@ -69,7 +72,10 @@ def _transformer_name(rest: tuple[str, ...], linear: bool) -> tuple[str, str]:
     """(torch name, layout) of a SpatialTransformer leaf path below the module."""
     if rest[0] in ("proj_in", "proj_out") and rest[-1] == "kernel":
         return f"{rest[0]}.weight", "linear" if linear else "linear_conv2d"
-    parts = [f"transformer_blocks.{p[5:]}" if p.startswith("block") else _TRANSFORMER.get(p, p) for p in rest[:-1]]
+    parts = [
+        f"transformer_blocks.{p[5:]}" if p.startswith("block") else _TRANSFORMER.get(p, p)
+        for p in rest[:-1]
+    ]
     kind = "linear" if rest[-1] == "kernel" else "vector"
     return ".".join([*parts, _LEAF[rest[-1]]]), kind
 
@@ -85,7 +91,10 @@ def _block_name(path: tuple[str, ...], torch: str, attn: str | None, kind: str) 
     sub = path[1]
     if sub in _ATTENTION:
         return f"{attn}.{_ATTENTION[sub]}.{leaf}", "conv1d" if layout == "conv2d" else layout
-    return f"{torch}.{_RESBLOCK[sub]}.{leaf}", "linear" if sub == "affine" and layout != "vector" else layout
+    return (
+        f"{torch}.{_RESBLOCK[sub]}.{leaf}",
+        "linear" if sub == "affine" and layout != "vector" else layout,
+    )
 
 
 def torch_entry(path: tuple[str, ...], net: Any, prefixes: dict) -> tuple[str, str]:
@@ -97,7 +106,9 @@ def torch_entry(path: tuple[str, ...], net: Any, prefixes: dict) -> tuple[str, s
     if top == "pool":
         if path[1] == "positional_embedding":
             return "out.2.positional_embedding", "transposed"
-        return f"out.2.{_POOL[path[1]]}.{_LEAF[path[-1]]}", "linear_conv1d" if path[-1] == "kernel" else "vector"
+        return f"out.2.{_POOL[path[1]]}.{_LEAF[path[-1]]}", "linear_conv1d" if path[
+            -1
+        ] == "kernel" else "vector"
     if top not in prefixes:
         raise ValueError(f"no reference name for params path {'/'.join(path)}")
     torch, attn, kind = prefixes[top]
@@ -139,8 +150,11 @@ def from_torch_layout(layout: str, a: Any) -> Any:
 
 def _template(net: nn.Module) -> dict[tuple[str, ...], Any]:
     """Flat {path: ShapeDtypeStruct} of the network's parameters (no compute)."""
-    init = init_ldm_unet if isinstance(net, LDMUNet) else init_net
-    shapes = jax.eval_shape(functools.partial(init, net), jax.random.key(0))
+    if isinstance(net, LDMUNet):
+        init = functools.partial(init_ldm_unet, net)
+    else:
+        init = functools.partial(init_net, net)
+    shapes = jax.eval_shape(init, jax.random.key(0))
     return traverse_util.flatten_dict(shapes)
 
 
@@ -222,5 +236,7 @@ def to_openai_state_dict(params: Any, net: nn.Module, *, prefix: str = "") -> di
     flat = traverse_util.flatten_dict(params)
     out = {}
     for name, (path, layout, _) in name_map(net).items():
-        out[prefix + name] = np.ascontiguousarray(to_torch_layout(layout, np.asarray(flat[path], np.float32)))
+        out[prefix + name] = np.ascontiguousarray(
+            to_torch_layout(layout, np.asarray(flat[path], np.float32))
+        )
     return out

@@ -323,7 +323,9 @@ class UNetBlock(nn.Module):
     def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
         """x [B,H,W,in], emb [B,emb_channels] (float32) -> [B,H',W',out]."""
         C = self.out_channels
-        norm = dict(eps=self.eps, dtype=self.dtype, min_channels_per_group=self.min_channels_per_group)
+        norm = dict(
+            eps=self.eps, dtype=self.dtype, min_channels_per_group=self.min_channels_per_group
+        )
         orig = x
         rs = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         x = GroupNorm(self.in_channels, name="norm0", **norm)(x)

@@ -138,7 +138,12 @@ class LDMUNet(DhariwalUNet):
         C = kw["out_channels"]
         heads = kw["num_heads"] or C // kw["channels_per_head"]
         st = SpatialTransformer(
-            C, heads, C // heads, self.transformer_depth, self.context_dim, self.dtype,
+            C,
+            heads,
+            C // heads,
+            self.transformer_depth,
+            self.context_dim,
+            self.dtype,
             name=f"{name}_attn",
         )
         return st(x, cond["context"])

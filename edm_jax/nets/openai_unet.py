@@ -199,7 +199,9 @@ def create_classifier(
 ) -> EncoderUNet:
     """guided-diffusion ``script_util.create_classifier`` (pool 'attention' only)."""
     if classifier_pool != "attention":
-        raise ValueError(f"classifier_pool {classifier_pool!r} is not supported; valid: ['attention']")
+        raise ValueError(
+            f"classifier_pool {classifier_pool!r} is not supported; valid: ['attention']"
+        )
     res = tuple(int(r) for r in classifier_attention_resolutions.split(","))
     return EncoderUNet(
         img_resolution=image_size,
