@@ -49,6 +49,7 @@ class CrossAttention(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
+    attn_impl: str | None = None  # 'cudnn': fused kernel in dtype (no float32 upcast)
 
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None) -> Array:
@@ -62,8 +63,11 @@ class CrossAttention(nn.Module):
         v = Linear(cdim, inner, name="to_v", **kw)(ctx)
         split = lambda a: a.reshape(*a.shape[:2], h, self.head_dim)  # noqa: E731  (h d)
         # softmax(q k^T / sqrt(d)) v in float32 (ATTN_PRECISION, attention.py:180)
-        f32 = lambda a: split(a).astype(jnp.float32)  # noqa: E731
-        a = jax.nn.dot_product_attention(f32(q), f32(k), f32(v)).astype(self.dtype)
+        if self.attn_impl == "cudnn":
+            a = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation="cudnn")
+        else:
+            f32 = lambda a: split(a).astype(jnp.float32)  # noqa: E731
+            a = jax.nn.dot_product_attention(f32(q), f32(k), f32(v)).astype(self.dtype)
         a = a.reshape(*x.shape[:2], inner)
         return Linear(inner, self.query_dim, dtype=self.dtype, name="to_out")(a)
 
@@ -76,12 +80,13 @@ class TransformerBlock(nn.Module):
     head_dim: int
     context_dim: int
     dtype: Dtype = jnp.float32
+    attn_impl: str | None = None  # 'cudnn': fused kernel in dtype (no float32 upcast)
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
         """x [B,T,dim], context [B,S,context_dim] -> [B,T,dim]."""
         d, dt = self.dim, self.dtype
-        attn = dict(heads=self.heads, head_dim=self.head_dim, dtype=dt)
+        attn = dict(heads=self.heads, head_dim=self.head_dim, dtype=dt, attn_impl=self.attn_impl)
         x = x + CrossAttention(d, d, **attn, name="attn1")(LayerNorm(d, dtype=dt, name="norm1")(x))
         x2 = LayerNorm(d, dtype=dt, name="norm2")(x)
         x = x + CrossAttention(d, self.context_dim, **attn, name="attn2")(x2, context)
@@ -104,6 +109,7 @@ class SpatialTransformer(nn.Module):
     depth: int
     context_dim: int
     dtype: Dtype = jnp.float32
+    attn_impl: str | None = None  # 'cudnn': fused kernel in dtype (no float32 upcast)
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
@@ -115,7 +121,13 @@ class SpatialTransformer(nn.Module):
         context = context.astype(dt)
         for i in range(self.depth):
             blk = TransformerBlock(
-                inner, self.heads, self.head_dim, self.context_dim, dt, name=f"block{i}"
+                inner,
+                self.heads,
+                self.head_dim,
+                self.context_dim,
+                dt,
+                self.attn_impl,
+                name=f"block{i}",
             )
             h = blk(h, context)
         return x + Linear(inner, C, dtype=dt, name="proj_out")(h).reshape(B, H, W, C)
@@ -144,6 +156,7 @@ class LDMUNet(DhariwalUNet):
             self.transformer_depth,
             self.context_dim,
             self.dtype,
+            self.attn_impl,
             name=f"{name}_attn",
         )
         return st(x, cond["context"])

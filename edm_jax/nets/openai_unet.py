@@ -110,9 +110,14 @@ def create_model(
     dropout: float = 0.0,
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
+    use_checkpoint: bool = False,
+    use_fp16: bool = False,
     dtype: Any = jnp.float32,
 ) -> DhariwalUNet:
-    """guided-diffusion ``script_util.create_model`` (same arguments, use_fp16 -> dtype)."""
+    """guided-diffusion ``script_util.create_model`` (same arguments).
+
+    use_checkpoint and use_fp16 are accepted and ignored: ``dtype`` sets the compute type.
+    """
     return openai_unet(
         image_size,
         in_channels=3,
