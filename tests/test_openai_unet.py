@@ -107,18 +107,24 @@ def classifier(fixtures_dir):
 
 
 def test_classifier_logits_and_gradient(classifier):
-    """Logits within 3e-5; d(sum of selected log-probs)/dx (classifier_sample.py) within 5e-5."""
+    """Logits within 3e-5; d(sum of selected log-probs)/dx (classifier_sample.py cond_fn) and
+    k-diffusion's gradient through x * c_in at t(sigma) within 5e-5."""
     arrays, _, net, params = classifier
-    t, y = jnp.asarray(arrays["t"]), jnp.asarray(arrays["y"])
 
-    def selected(x):
+    def selected(x, t, y):
         logits = net.apply({"params": params}, x, t)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return jnp.take_along_axis(logp, y[:, None], axis=1).sum(), logits
 
-    (_, logits), grad = fast_jit(jax.value_and_grad(selected, has_aux=True), nhwc(arrays["x"]))
+    args = (nhwc(arrays["x"]), jnp.asarray(arrays["t"]), jnp.asarray(arrays["y"]))
+    fn = jax.jit(jax.value_and_grad(selected, has_aux=True))
+    fn = fn.lower(*args).compile(compiler_options=FAST_COMPILE)
+    (_, logits), grad = fn(*args)
     assert maxrel(logits, arrays["logits"]) <= 3e-5
     assert maxrel(np.asarray(grad).transpose(0, 3, 1, 2), arrays["grad"]) <= 5e-5
+    c_in = jnp.asarray(arrays["kd_c_in"])[:, None, None, None]
+    _, kd_grad = fn(nhwc(arrays["kd_x"]) * c_in, jnp.asarray(arrays["kd_t"]), args[2])
+    assert maxrel(np.asarray(kd_grad * c_in).transpose(0, 3, 1, 2), arrays["kd_grad"]) <= 5e-5
 
 
 def test_classifier_wrong_resolution(classifier):
