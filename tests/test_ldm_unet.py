@@ -117,3 +117,17 @@ def test_bad_context_and_options(sd_case):
         lu.ldm_unet(32, 4, 4, 32, (1,), 1, (1, 2))
     with pytest.raises(ValueError, match="unknown Stable Diffusion U-Net"):
         lu.released_unet("sd14")
+
+
+def test_family_checkpoint_errors(sd_case):
+    """A tiny SD checkpoint given as SD 1.5 names its first bad key; EMA names are read."""
+    _, _, sd, net, params = sd_case
+    full = {co.SD_UNET_PREFIX + k: v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="sd-1.5 network: first mismatching key 'time_embed"):
+        co.convert_checkpoint(full, "sd-1.5")
+    with pytest.raises(ValueError, match="unknown network family 'sd-3'"):
+        co.convert_checkpoint(full, "sd-3")
+    ema = {"model_ema." + f"diffusion_model.{k}".replace(".", ""): v for k, v in sd.items()}
+    assert co.sd_ema_state_dict({**full, **ema}, net).keys() == sd.keys()
+    with pytest.raises(ValueError, match="no EMA weights"):
+        co.sd_ema_state_dict(full, net)

@@ -17,9 +17,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from edm_jax.nets import ldm_unet, openai_unet
 from edm_jax.nets.dhariwal_unet import dhariwal_unet_plan
 from edm_jax.nets.ldm_unet import LDMUNet, init_ldm_unet
 from edm_jax.nets.model import init_net
@@ -240,3 +242,64 @@ def to_openai_state_dict(params: Any, net: nn.Module, *, prefix: str = "") -> di
             to_torch_layout(layout, np.asarray(flat[path], np.float32))
         )
     return out
+
+
+# Released networks by family name: (constructor, name prefix in the checkpoint file).
+NETWORK_FAMILIES: dict[str, tuple[str, str]] = {
+    "guided-diffusion-64": ("64x64_diffusion", ""),
+    "guided-diffusion-128": ("128x128_diffusion", ""),
+    "guided-diffusion-256": ("256x256_diffusion", ""),
+    "guided-diffusion-256-uncond": ("256x256_diffusion_uncond", ""),
+    "guided-diffusion-512": ("512x512_diffusion", ""),
+    "guided-diffusion-classifier-64": ("64x64_classifier", ""),
+    "guided-diffusion-classifier-128": ("128x128_classifier", ""),
+    "guided-diffusion-classifier-256": ("256x256_classifier", ""),
+    "guided-diffusion-classifier-512": ("512x512_classifier", ""),
+    "sd-1.5": ("sd15", SD_UNET_PREFIX),
+    "sd-2.1-v": ("sd21_v", SD_UNET_PREFIX),
+    "sd-2-base": ("sd2_base", SD_UNET_PREFIX),
+}
+
+
+def family_network(family: str, dtype: Any = jnp.float32) -> nn.Module:
+    """The Flax network of a released family name (NETWORK_FAMILIES)."""
+    if family not in NETWORK_FAMILIES:
+        raise ValueError(f"unknown network family {family!r}; valid: {sorted(NETWORK_FAMILIES)}")
+    name, prefix = NETWORK_FAMILIES[family]
+    if prefix == SD_UNET_PREFIX:
+        return ldm_unet.released_unet(name, dtype=dtype)
+    return openai_unet.released_model(name, dtype=dtype)
+
+
+def sd_ema_state_dict(state_dict: dict[str, np.ndarray], net: nn.Module) -> dict[str, np.ndarray]:
+    """The EMA U-Net of a CompVis checkpoint: 'model_ema.' + 'diffusion_model.<name>' without dots."""
+    out, missing = {}, []
+    for name in name_map(net):
+        key = "model_ema." + f"diffusion_model.{name}".replace(".", "")  # ldm/modules/ema.py:18
+        if key in state_dict:
+            out[name] = state_dict[key]
+        else:
+            missing.append(key)
+    if missing:
+        raise ValueError(
+            f"checkpoint has no EMA weights for this U-Net: first missing key {missing[0]!r} "
+            f"({len(missing)} missing)"
+        )
+    return out
+
+
+def convert_checkpoint(
+    state_dict: dict[str, np.ndarray], family: str, *, ema: bool = False, dtype: Any = jnp.float32
+) -> tuple[nn.Module, dict]:
+    """(network, params) of a released checkpoint's state_dict; names the first bad key.
+
+    SD single-file checkpoints hold the U-Net under 'model.diffusion_model.' (ema=True reads
+    the 'model_ema.' copy instead); guided-diffusion files are the bare state_dict.
+    """
+    net = family_network(family, dtype)
+    prefix = NETWORK_FAMILIES[family][1]
+    if ema:
+        if not prefix:
+            raise ValueError(f"ema=True applies to SD checkpoints; {family!r} has no EMA copy")
+        return net, from_openai_state_dict(sd_ema_state_dict(state_dict, net), net, family=family)
+    return net, from_openai_state_dict(state_dict, net, prefix=prefix, family=family)
