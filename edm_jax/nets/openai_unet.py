@@ -172,6 +172,8 @@ class EncoderUNet(DhariwalUNet):
     @nn.compact
     def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, *, train=False):
         """Logits of x [B,H,W,C] at timesteps noise_labels [B] -> float32 [B, out_channels]."""
+        if class_labels is not None or augment_labels is not None:
+            raise ValueError("the classifier takes (x, t) only: it predicts the class labels")
         if x.shape[1] != self.img_resolution:
             raise ValueError(
                 f"classifier for {self.img_resolution}x{self.img_resolution} images got "
