@@ -167,6 +167,31 @@ class Conv2d(nn.Module):
         return x + b if b is not None else x
 
 
+class StridedConv2d(nn.Module):
+    """3x3 convolution with stride 2 and padding 1 (guided-diffusion ``Downsample`` with conv)."""
+
+    in_channels: int
+    out_channels: int
+    winit: Init = Init()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x [B,H,W,in] -> [B,H/2,W/2,out] (H, W even)."""
+        cin, cout, m = self.in_channels, self.out_channels, self.winit.mode
+        fans = (cin * 9, cout * 9)
+        w = self.param("kernel", weight_init(m, *fans, self.winit.weight), (3, 3, cin, cout))
+        b = self.param("bias", weight_init(m, *fans, self.winit.bias), (cout,))
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            w.astype(self.dtype),
+            (2, 2),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + b.astype(self.dtype)
+
+
 def _conv(x: Array, w: Array, pad: int) -> Array:
     """Stride-1 convolution of x [B,H,W,I] with w [k,k,I,O] and symmetric zero padding."""
     return jax.lax.conv_general_dilated(
@@ -208,17 +233,37 @@ def _group_mean(x: Array, groups: int) -> Array:
 
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# Channel order of a fused qkv: NVlabs (head, d, q/k/v); guided-diffusion QKVAttentionLegacy
+# (head, q/k/v, d) (unet.py:361); QKVAttention / "new order" (q/k/v, head, d) (unet.py:395).
+QKV_LAYOUTS = ("nvlabs", "legacy", "new")
 
 
-def self_attention(qkv: Array, num_heads: int, implementation: str | None = None) -> Array:
-    """Multi-head attention from a fused qkv [B,H,W,3C] laid out (head, channel, q/k/v).
+def split_qkv(qkv: Array, num_heads: int, layout: str = "nvlabs") -> tuple[Array, Array, Array]:
+    """Fused qkv [B, T, 3C] in one of QKV_LAYOUTS -> q, k, v each [B, T, heads, C/heads]."""
+    B, T, C3 = qkv.shape
+    d = C3 // 3 // num_heads
+    if layout == "nvlabs":
+        r = qkv.reshape(B, T, num_heads, d, 3)
+        return r[..., 0], r[..., 1], r[..., 2]
+    if layout == "legacy":
+        r = qkv.reshape(B, T, num_heads, 3, d)
+        return r[:, :, :, 0], r[:, :, :, 1], r[:, :, :, 2]
+    if layout == "new":
+        r = qkv.reshape(B, T, 3, num_heads, d)
+        return r[:, :, 0], r[:, :, 1], r[:, :, 2]
+    raise ValueError(f"unknown qkv layout {layout!r}; valid: {list(QKV_LAYOUTS)}")
+
+
+def self_attention(
+    qkv: Array, num_heads: int, implementation: str | None = None, layout: str = "nvlabs"
+) -> Array:
+    """Multi-head attention from a fused qkv [B,H,W,3C] laid out as ``layout`` (QKV_LAYOUTS).
 
     implementation: None/'xla' (any device) or 'cudnn' (fused GPU kernel, bf16/fp16 only).
     """
     B, H, W, C3 = qkv.shape
     C = C3 // 3
-    qkv = qkv.reshape(B, H * W, num_heads, C // num_heads, 3)  # reference channel order
-    q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, T, N, C/N]
+    q, k, v = split_qkv(qkv.reshape(B, H * W, C3), num_heads, layout)  # [B, T, N, C/N]
     impl = {"xla": "xla", "cudnn": "cudnn"}.get(implementation or "")  # checked Literal
     a = jax.nn.dot_product_attention(q, k, v, implementation=impl)  # type: ignore[arg-type]
     # softmax(q k^T/sqrt(d)) v
@@ -247,6 +292,8 @@ class UNetBlock(nn.Module):
     winit_attn: Init | None = None
     attn_impl: str | None = None
     dtype: Dtype = jnp.float32
+    min_channels_per_group: int = 4  # 1: always 32 groups (guided-diffusion GroupNorm32)
+    qkv_layout: str = "nvlabs"  # one of QKV_LAYOUTS
 
     @property
     def heads(self) -> int:
@@ -275,7 +322,10 @@ class UNetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
         """x [B,H,W,in], emb [B,emb_channels] (float32) -> [B,H',W',out]."""
-        C, norm = self.out_channels, dict(eps=self.eps, dtype=self.dtype)
+        C = self.out_channels
+        norm = dict(
+            eps=self.eps, dtype=self.dtype, min_channels_per_group=self.min_channels_per_group
+        )
         orig = x
         rs = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         x = GroupNorm(self.in_channels, name="norm0", **norm)(x)
@@ -295,7 +345,7 @@ class UNetBlock(nn.Module):
         if self.heads:
             winit_attn = self.winit_attn if self.winit_attn is not None else self.winit
             qkv = self._conv("qkv", C, 3 * C, 1, winit_attn)(GroupNorm(C, name="norm2", **norm)(x))
-            a = self_attention(qkv, self.heads, self.attn_impl)
+            a = self_attention(qkv, self.heads, self.attn_impl, self.qkv_layout)
             x = (self._conv("proj", C, C, 1, self.winit_zero)(a) + x) * self.skip_scale
         return x
 
