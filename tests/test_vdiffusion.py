@@ -57,8 +57,8 @@ def case(request, fixtures_dir):
 
     x, t = jnp.zeros((BATCH, 128, 128, 3)), jnp.zeros((BATCH,))
     # Optimisation level 0 halves XLA:CPU's compile time of this 140-block net.
-    compiled = jax.jit(forward).lower(params, x, t, clip).compile(
-        {"xla_backend_optimization_level": 0}
+    compiled = (
+        jax.jit(forward).lower(params, x, t, clip).compile({"xla_backend_optimization_level": 0})
     )
     return request.param, z, net, params, state_dict, compiled
 
