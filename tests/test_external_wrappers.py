@@ -6,6 +6,7 @@ at x c_in and the interpolated t, so the wrapper maths is checked on its own (fi
 README "OpenAIDenoiser" and "Stable Diffusion U-Net: Wrappers").
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,3 +127,84 @@ def test_bad_schedule_names():
         W.guided_diffusion_betas("cos")
     with pytest.raises(ValueError, match="num_timesteps must be an int >= 2"):
         W.ldm_betas(1)
+
+
+# --------------------------------------------------------------------------- classifier guidance
+
+MEANS = np.array([[1.0, -0.5, 0.2], [-0.8, 0.4, 0.6], [0.1, 0.9, -1.0]])
+WEIGHTS = np.array([0.5, 0.3, 0.2])
+STD = 0.4
+
+
+def _mixture_classifier(x_in, t):
+    """The exact noisy classifier of the mixture, in VP input space: logits_k = log w_k +
+    log N(x; mu_k, (std^2 + sigma^2) I) with sigma = tan(t pi/2), x = x_in sqrt(sigma^2 + 1)."""
+    sigma = W.atan_t_to_sigma(t)[:, None]  # [B, 1]
+    x = x_in * jnp.sqrt(sigma**2 + 1)
+    var = STD**2 + sigma**2
+    d2 = jnp.sum((x[:, None, :] - MEANS[None]) ** 2, axis=-1)  # [B, K]
+    return jnp.log(WEIGHTS) - d2 / (2 * var) - 1.5 * jnp.log(var)
+
+
+def test_classifier_guidance_with_exact_classifier_is_the_class_denoiser():
+    """D + sigma^2 grad_x log p(y | x; sigma) = D(x; sigma, y) (Tweedie), for scale 1."""
+    from edm_jax import analytic
+    from edm_jax.guidance import classifier_guidance
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 3)) * 2)
+    sigma = jnp.asarray([0.05, 0.3, 1.0, 2.5, 7.0, 30.0])
+    y = jnp.asarray([0, 1, 2, 2, 1, 0])
+    uncond = analytic.mixture_denoiser(MEANS, WEIGHTS, STD)
+
+    @jax.jit
+    def guided(scale):  # one program for every scale
+        den = classifier_guidance(
+            uncond, _mixture_classifier, y, scale, sigma_to_t=W.atan_sigma_to_t
+        )
+        return den(x, sigma)
+
+    expected = np.stack(
+        [analytic.gaussian_denoiser(MEANS[k], STD)(x, sigma)[i] for i, k in enumerate(y)]
+    )
+    D1, D0, D3 = guided(1.0), guided(0.0), guided(3.0)
+    np.testing.assert_allclose(D1, expected, rtol=2e-4, atol=2e-4)
+    # scale 0 is the unguided denoiser; the guidance term is linear in the scale
+    np.testing.assert_allclose(D0, uncond(x, sigma), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(D3 - D0, 3 * (D1 - D0), rtol=1e-4, atol=1e-5)
+
+
+def test_classifier_log_prob_gradient_closed_form():
+    """Gaussian-class logits -|x_in - mu_k|^2 / 2: grad_x log p(y) = c_in (mu_y - E_p[mu])."""
+    from edm_jax.guidance import classifier_log_prob
+
+    rng = np.random.default_rng(1)
+    x, sigma = jnp.asarray(rng.normal(size=(4, 3))), jnp.asarray([0.1, 0.8, 2.0, 9.0])
+    y = jnp.asarray([2, 0, 1, 2])
+
+    def classifier(x_in, t):
+        return -0.5 * jnp.sum((x_in[:, None, :] - MEANS[None]) ** 2, axis=-1)
+
+    log_prob = classifier_log_prob(classifier, y, sigma_to_t=lambda s: 10 * s)
+    grad = jax.jit(jax.grad(lambda x_: jnp.sum(log_prob(x_, sigma))))(x)
+    c_in = 1 / np.sqrt(np.asarray(sigma, np.float64) ** 2 + 1)[:, None]
+    x_in = np.asarray(x, np.float64) * c_in
+    logits = -0.5 * ((x_in[:, None, :] - MEANS[None]) ** 2).sum(-1)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = c_in * (MEANS[np.asarray(y)] - p @ MEANS)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_guided_model_checks():
+    from edm_jax.guidance import ClassifierGuidedModel
+
+    model = W.SamplingModel(lambda x, sigma, **kw: x, (4, 4, 3), label_dim=5)
+    with pytest.raises(ValueError, match="the model has 5 classes, the classifier 3"):
+        ClassifierGuidedModel(model, lambda x, t, p: x, 3, 1.0, sigma_to_t=W.atan_sigma_to_t)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        ClassifierGuidedModel(model, lambda x, t, p: x, 1, 1.0, sigma_to_t=W.atan_sigma_to_t)
+    with pytest.raises(ValueError, match="guidance scale must be finite"):
+        ClassifierGuidedModel(model, lambda x, t, p: x, 5, np.inf, sigma_to_t=W.atan_sigma_to_t)
+    guided = ClassifierGuidedModel(model, lambda x, t, p: x, 5, 1.0, sigma_to_t=W.atan_sigma_to_t)
+    assert guided.label_dim == 5 and guided.image_shape == (4, 4, 3)

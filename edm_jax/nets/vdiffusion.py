@@ -183,6 +183,11 @@ class VDiffusionUNet(nn.Module):
     def _attention(self, prefix: str, x: Array) -> Array:
         """SelfAttention2d: x + out_proj(attention(qkv_proj(norm(x))))."""
         C = x.shape[-1]
+        if C < self.head_channels or C % (C // self.head_channels):
+            raise ValueError(
+                f"{prefix}: attention over {C} channels needs a multiple of C // head_channels "
+                f"= {C // self.head_channels} heads (head_channels {self.head_channels})"
+            )
         h = x
         if self.attn_norm:
             h = GroupNorm(C, 1, 1, eps=1e-5, dtype=self.dtype, name=f"{prefix}.norm")(h)
