@@ -19,6 +19,12 @@ diffusers-style models: ``diffusers_alphas_cumprod`` builds the table from a bet
 timestep spacing, both as diffusers' EulerDiscreteScheduler computes them.
 ``SamplingModel`` makes any such denoiser samplable by ``edm_jax.sample`` (its own sigma
 range, no clipping of latent outputs).
+
+Models from elsewhere, as k-diffusion's ``external.py``: ``OpenAIDenoiser`` (guided-diffusion,
+learned-sigma output split), ``CompVisDenoiser`` / ``CompVisVDenoiser`` (latent diffusion,
+Stable Diffusion), all over a float32 ``alphas_cumprod`` table with float32 sigmas as the
+reference; their schedules ``guided_diffusion_alphas_cumprod`` and ``ldm_alphas_cumprod``
+are built in float64 as the reference code.
 """
 
 from __future__ import annotations

@@ -238,3 +238,24 @@ def test_classifier_guided_sde_sampling_is_batch_invariant_per_seed(tiny):
     other_class = edm_jax.sample(RNG, both, guided, seeds=[1], labels=[2], **kw)
     assert np.all(np.isfinite(out)) and not np.allclose(out[0], out[1])
     assert not np.allclose(other_class[0], out[1], atol=1e-3)  # the label steers the sample
+
+
+def test_cc12m_cfg_combines_v_with_the_zero_embedding(tiny):
+    """cfg_sample.py: v = v_0 + w (v_c - v_0); D is affine in v, so D combines the same way."""
+    model, params = tiny
+    net = vd.VDiffusionUNet(**TINY)
+    clip = np.random.default_rng(1).normal(size=(1, 512))
+    cfg = vd.vd_sampling_model(net, 8, clip_embed=clip, cfg_scale=3.0)
+    uncond = vd.vd_sampling_model(net, 8, clip_embed=np.zeros((1, 512)))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, 3)), jnp.float32)
+    sigma = jnp.asarray([0.5, 4.0])
+
+    @jax.jit
+    def run(p):
+        return cfg.denoise(p, x, sigma), model.denoise(p, x, sigma), uncond.denoise(p, x, sigma)
+
+    D, D_c, D_0 = run(params)
+    np.testing.assert_allclose(D, D_0 + 3.0 * (D_c - D_0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(D_c, D_0, atol=1e-3)
+    with pytest.raises(ValueError, match="cfg_scale 2.0 needs a CLIP-conditioned model"):
+        vd.vd_sampling_model(vd.VDiffusionUNet(channels=(4,), num_blocks=1), 8, cfg_scale=2.0)

@@ -423,19 +423,30 @@ def vd_sampling_model(
     *,
     t_range: tuple[float, float] = (0.0, 1.0),
     clip_embed=None,
+    cfg_scale: float = 1.0,
 ) -> SamplingModel:
     """The network as k-diffusion's ``VDenoiser`` in the form ``edm_jax.sample`` takes.
 
     ``denoise(params, x, sigma)`` = VDenoiser: t = atan(sigma) 2/pi, D = c_skip x + c_out v.
     The sigma range is tan(t pi/2) over ``t_range`` (the model's min_t/max_t). cc12m_1 needs
-    ``clip_embed`` [1 or B, 512] (a zero row is cc12m_1_cfg's unconditional embedding).
+    ``clip_embed`` [1 or B, 512]; ``cfg_scale`` w != 1 is cc12m_1_cfg's classifier-free
+    guidance (cfg_sample.py): v = v_0 + w (v_c - v_0), v_0 at the zero embedding, both in
+    one batched call.
     """
     if net.mapping_width and clip_embed is None:
         raise ValueError("cc12m_1 samples need clip_embed [1 or B, 512]; got None")
+    if cfg_scale != 1.0 and not net.mapping_width:
+        raise ValueError(f"cfg_scale {cfg_scale} needs a CLIP-conditioned model (cc12m_1_cfg)")
     clip = None if clip_embed is None else jnp.asarray(clip_embed, jnp.float32)
 
     def model(x_in: Array, t: Array, params=None) -> Array:
-        return net.apply({"params": params}, x_in, t, clip)  # type: ignore[return-value]
+        if cfg_scale == 1.0:
+            return net.apply({"params": params}, x_in, t, clip)  # type: ignore[return-value]
+        c = jnp.broadcast_to(jnp.asarray(clip), (x_in.shape[0], net.clip_dim))  # [B, 512]
+        both = jnp.concatenate([c, jnp.zeros_like(c)])  # [2B, 512]: cond, then uncond
+        v = net.apply({"params": params}, jnp.concatenate([x_in, x_in]), jnp.tile(t, 2), both)
+        v_c, v_0 = jnp.split(jnp.asarray(v), 2)
+        return v_0 + cfg_scale * (v_c - v_0)
 
     lo, hi = (math.tan(t * math.pi / 2) for t in t_range)
     sigma_range = None if t_range == (0.0, 1.0) else (lo, hi)
@@ -443,7 +454,12 @@ def vd_sampling_model(
 
 
 def load_vdiffusion(
-    name: str, state_dict: dict[str, np.ndarray], *, clip_embed=None, dtype: Dtype = jnp.float32
+    name: str,
+    state_dict: dict[str, np.ndarray],
+    *,
+    clip_embed=None,
+    cfg_scale: float = 1.0,
+    dtype: Dtype = jnp.float32,
 ) -> tuple[SamplingModel, dict, dict]:
     """(model, params, config) of a released v-diffusion model from its state_dict.
 
@@ -454,6 +470,8 @@ def load_vdiffusion(
     preset = vd_preset(name)
     net = build_vd_net(name, dtype)
     params = from_vd_state_dict(state_dict, net)
-    model = vd_sampling_model(net, preset.size, t_range=preset.t_range, clip_embed=clip_embed)
+    model = vd_sampling_model(
+        net, preset.size, t_range=preset.t_range, clip_embed=clip_embed, cfg_scale=cfg_scale
+    )
     config = {"family": "v-diffusion", "name": name, "size": preset.size, "net": preset.net}
     return model, params, config
