@@ -463,9 +463,13 @@ class OpenAIDenoiser(_Float32Sigmas, DiscreteEpsDDPMDenoiser):
         """D(x; sigma) = x - sigma eps(x / sqrt(sigma^2+1), t(sigma))."""
         x, sigma, s = _vp_inputs(x, sigma)
         out = self.model(x / jnp.sqrt(s**2 + 1), self.sigma_to_t(sigma), **cond)
-        if self.has_learned_sigmas:
-            out = out[..., : out.shape[-1] // 2]  # [B,H,W,2C] -> eps [B,H,W,C]
-        return _eps_to_D(x, s, out)
+        C = x.shape[-1] * (2 if self.has_learned_sigmas else 1)
+        if out.shape[-1] != C:
+            raise ValueError(
+                f"model output has {out.shape[-1]} channels, expected {C} for {x.shape[-1]}-"
+                f"channel images with has_learned_sigmas={self.has_learned_sigmas}"
+            )
+        return _eps_to_D(x, s, out[..., : x.shape[-1]])  # learned sigma: eps = first half
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -77,6 +77,8 @@ def test_learned_sigma_half_is_discarded(fixtures_dir):
     swapped = jnp.concatenate([eps[..., 3:], eps[..., :3]], axis=-1)
     D = W.OpenAIDenoiser(lambda x_in, t: swapped, ac)(x, sigma)
     assert maxrel(np.asarray(D).transpose(0, 3, 1, 2), z["den_out"]) > 0.1  # the other half
+    with pytest.raises(ValueError, match="6 channels, expected 3 .* has_learned_sigmas=False"):
+        W.OpenAIDenoiser(lambda x_in, t: swapped, ac, has_learned_sigmas=False)(x, sigma)
 
 
 @pytest.mark.parametrize("case", ["sd1", "sd2"])
