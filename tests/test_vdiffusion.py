@@ -143,7 +143,6 @@ def test_unknown_preset_and_missing_clip_embed():
 
 def test_bilinear_upsampling_is_torchs():
     """align_corners=False: source index (i + 0.5) / 2 - 0.5, clamped at 0 (torch)."""
-    x = np.random.default_rng(0).normal(size=(1, 3, 5, 2)).astype(np.float32)
 
     def ref_axis(a, axis):
         n = a.shape[axis]
@@ -155,8 +154,10 @@ def test_bilinear_upsampling_is_torchs():
         w = w.reshape(shape)
         return np.take(a, lo, axis) * (1 - w) + np.take(a, hi, axis) * w
 
-    ref = ref_axis(ref_axis(x.astype(np.float64), 1), 2)
-    np.testing.assert_allclose(vd.upsample_bilinear(jnp.asarray(x)), ref, rtol=1e-6, atol=1e-6)
+    for shape in [(1, 3, 5, 2), (2, 1, 2, 1)]:  # 1x1 -> 2x2 at the deepest level of 64x64 inputs
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        ref = ref_axis(ref_axis(x.astype(np.float64), 1), 2)
+        np.testing.assert_allclose(vd.upsample_bilinear(jnp.asarray(x)), ref, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- sampling end to end
