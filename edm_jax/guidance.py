@@ -6,6 +6,8 @@
   "Guiding a Diffusion Model with a Bad Version of Itself", eq. 2).
 - ``gradient_guidance``: add the gradient of any differentiable log-probability of the
   denoised image (classifier guidance, CLIP-style losses) to the score.
+- ``classifier_guidance`` / ``ClassifierGuidedModel``: guided-diffusion's classifier
+  guidance, the gradient of log p(y | x_t) of a noisy-image classifier, in k-diffusion form.
 
 All three use the EDM2 convention D_w = D_0 + w (D_1 - D_0): scale 1 gives the
 conditional / main model, scale 0 the unconditional / guiding one.
@@ -26,7 +28,10 @@ from edm_jax.samplers.core import append_dims
 Array = jax.Array
 Denoiser = Callable[..., Array]
 
-__all__ = ["GuidedModel", "autoguidance", "cfg", "cfg_guide", "check_guide", "gradient_guidance"]
+__all__ = [
+    "ClassifierGuidedModel", "GuidedModel", "autoguidance", "cfg", "cfg_guide", "check_guide",
+    "classifier_guidance", "classifier_log_prob", "gradient_guidance", "vp_c_in",
+]  # fmt: skip
 
 
 def _sigma_b(sigma, x: Array) -> Array:
@@ -223,3 +228,121 @@ class GuidedModel:
             return self.guide.denoise(p_guide, x_, s, labels=glabels, **kw)
 
         return autoguidance(main, guide, self.scale, interval=self.interval)(x, sigma)
+
+
+# --------------------------------------------------------------------------- classifier guidance
+
+
+def vp_c_in(sigma: Array) -> Array:
+    """Input scaling of variance-preserving models: x_t = x / sqrt(sigma^2 + 1)."""
+    return 1 / jnp.sqrt(sigma**2 + 1)
+
+
+def classifier_log_prob(
+    classifier: Callable[[Array, Array], Array],
+    labels: Array,
+    sigma_to_t: Callable[[Array], Array],
+    c_in: Callable[[Array], Array] = vp_c_in,
+) -> Callable[[Array, Array], Array]:
+    """log p(y | x; sigma) [B] = log_softmax(classifier(x c_in(sigma), t(sigma)))[y].
+
+    ``classifier(x_in, t) -> logits [B, K]`` is a noisy-image classifier in its own input
+    space (guided-diffusion's sees x_t = x c_in at the DDPM timestep t); ``labels`` [B] ints.
+    """
+    labels = jnp.asarray(labels)
+
+    def log_prob(x: Array, sigma: Array) -> Array:
+        x_in = x * append_dims(c_in(sigma), x.ndim).astype(x.dtype)
+        logits = classifier(x_in, sigma_to_t(sigma)).astype(jnp.float32)  # [B, K]
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+    return log_prob
+
+
+def classifier_guidance(
+    denoise: Denoiser,
+    classifier: Callable[[Array, Array], Array],
+    labels: Array,
+    scale,
+    *,
+    sigma_to_t: Callable[[Array], Array],
+    c_in: Callable[[Array], Array] = vp_c_in,
+) -> Denoiser:
+    """Classifier guidance (Dhariwal & Nichol 2021) in k-diffusion form: D' = D + s sigma^2 g.
+
+    g = grad_x log p(y | x; sigma) of the noisy input x (``classifier_log_prob``), the
+    gradient guided-diffusion's ``cond_fn`` takes w.r.t. x_t times c_in (chain rule), and
+    s = ``scale`` (its ``classifier_scale``). Adding s g to the score, D = x + sigma^2 score
+    (Tweedie) gains s sigma^2 g: the denoiser form of guided-diffusion's ``condition_score``
+    (eps' = eps - sqrt(1 - abar) s grad_{x_t}) and k-diffusion's ``make_cond_model_fn``.
+    Unlike ``gradient_guidance`` the classifier sees the noisy x, not the denoised image.
+    """
+    _check_scale(scale)
+    log_prob = classifier_log_prob(classifier, labels, sigma_to_t, c_in)
+
+    def guided(x: Array, sigma) -> Array:
+        sigma = _sigma_b(sigma, x)
+        grad = jax.grad(lambda x_: jnp.sum(log_prob(x_, sigma)))(x)
+        D = denoise(x, sigma)
+        return D + scale * append_dims(sigma, x.ndim) ** 2 * grad.astype(D.dtype)
+
+    return guided
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierGuidedModel:
+    """A model sampled with classifier guidance: pass ``(params, classifier_params)``.
+
+    ``edm_jax.sample(rng, (params, cls_params), ClassifierGuidedModel(model, classifier,
+    num_classes, scale, sigma_to_t=...), labels=...)`` guides ``model`` (anything with
+    ``denoise(params, x, sigma, labels=None)``, e.g. a ``wrappers.SamplingModel``) towards
+    the class of each seed; ``classifier(x_in, t, params) -> logits``. ``sigma_to_t`` is
+    the classifier's time (e.g. ``OpenAIDenoiser(...).sigma_to_t``); labels go to the
+    model too when it is class-conditional (``label_dim`` > 0).
+    """
+
+    model: Any
+    classifier: Callable[[Array, Array, Any], Array]
+    num_classes: int
+    scale: float
+    sigma_to_t: Callable[[Array], Array]
+    c_in: Callable[[Array], Array] = vp_c_in
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        n = self.num_classes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {n!r}")
+        model_dim = int(self.model.label_dim or 0)
+        if model_dim not in (0, n):
+            raise ValueError(f"the model has {model_dim} classes, the classifier {n}")
+
+    @property
+    def label_dim(self) -> int:
+        """The classifier's number of classes: sample() draws one per seed."""
+        return self.num_classes
+
+    def __getattr__(self, name):  # geometry, sigma range, clipping of the guided model
+        if name.startswith("__") or name in {f.name for f in dataclasses.fields(self)}:
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def denoise(self, params, x, sigma, labels=None, **kw) -> Array:
+        """D + scale sigma^2 grad_x log p(argmax labels | x; sigma)."""
+        p_model, p_cls = params
+        if labels is None:
+            raise ValueError("classifier guidance needs labels (one-hot [B, num_classes])")
+        y = jnp.argmax(labels, axis=-1)  # [B]
+        model_labels = labels if self.model.label_dim else None
+
+        def denoise(x_, s):
+            return self.model.denoise(p_model, x_, s, labels=model_labels, **kw)
+
+        def classifier(x_in, t):
+            return self.classifier(x_in, t, p_cls)
+
+        guided = classifier_guidance(
+            denoise, classifier, y, self.scale, sigma_to_t=self.sigma_to_t, c_in=self.c_in
+        )
+        return guided(x, sigma)

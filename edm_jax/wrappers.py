@@ -19,6 +19,12 @@ diffusers-style models: ``diffusers_alphas_cumprod`` builds the table from a bet
 timestep spacing, both as diffusers' EulerDiscreteScheduler computes them.
 ``SamplingModel`` makes any such denoiser samplable by ``edm_jax.sample`` (its own sigma
 range, no clipping of latent outputs).
+
+Models from elsewhere, as k-diffusion's ``external.py``: ``OpenAIDenoiser`` (guided-diffusion,
+learned-sigma output split), ``CompVisDenoiser`` / ``CompVisVDenoiser`` (latent diffusion,
+Stable Diffusion), all over a float32 ``alphas_cumprod`` table with float32 sigmas as the
+reference; their schedules ``guided_diffusion_alphas_cumprod`` and ``ldm_alphas_cumprod``
+are built in float64 as the reference code.
 """
 
 from __future__ import annotations
@@ -37,7 +43,15 @@ Array = jax.Array
 
 __all__ = [
     "BETA_SCHEDULES",
+    "GUIDED_DIFFUSION_SCHEDULES",
     "TIMESTEP_SPACINGS",
+    "CompVisDenoiser",
+    "CompVisVDenoiser",
+    "OpenAIDenoiser",
+    "guided_diffusion_alphas_cumprod",
+    "guided_diffusion_betas",
+    "ldm_alphas_cumprod",
+    "ldm_betas",
     "DiscreteEpsDDPMDenoiser",
     "DiscreteSchedule",
     "DiscreteVDDPMDenoiser",
@@ -405,3 +419,122 @@ class SamplingModel:
         if labels is not None:
             cond["labels"] = labels
         return self.denoiser(x, sigma, **cond)
+
+
+# --------------------------------------------------------------------------- OpenAI / CompVis
+
+
+class _Float32Sigmas:
+    """k-diffusion's table over a float32 ``alphas_cumprod`` buffer: sigmas computed in float32.
+
+    As ``external.py`` (OpenAIDenoiser casts guided-diffusion's float64 table to float32;
+    LatentDiffusion keeps a float32 buffer): sigma_t = ((1 - a) / a) ** 0.5 in float32.
+    """
+
+    alphas_cumprod: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "alphas_cumprod", np.asarray(self.alphas_cumprod, np.float32))
+        super().__post_init__()  # type: ignore[misc]
+
+    @property
+    def sigmas(self) -> Array:
+        """sigma_t for t = 0..T-1 [T] (float32), increasing."""
+        a = self.alphas_cumprod.astype(np.float32)
+        return jnp.asarray(np.sqrt((1 - a) / a), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpenAIDenoiser(_Float32Sigmas, DiscreteEpsDDPMDenoiser):
+    """guided-diffusion's ``model(x_in, t, **cond)`` as k-diffusion's ``OpenAIDenoiser``.
+
+    ``alphas_cumprod`` is the GaussianDiffusion's float64 table (``guided_diffusion_alphas_
+    cumprod``), used in float32; t is interpolated in log sigma and clamped to [0, T-1].
+    With ``has_learned_sigmas`` the output's first half of channels is eps (the rest, the
+    variance interpolation, is discarded; external.py:121).
+    """
+
+    model: Callable[..., Array]
+    alphas_cumprod: np.ndarray
+    quantize: bool = False
+    has_learned_sigmas: bool = True
+
+    def __call__(self, x: Array, sigma, **cond) -> Array:
+        """D(x; sigma) = x - sigma eps(x / sqrt(sigma^2+1), t(sigma))."""
+        x, sigma, s = _vp_inputs(x, sigma)
+        out = self.model(x / jnp.sqrt(s**2 + 1), self.sigma_to_t(sigma), **cond)
+        C = x.shape[-1] * (2 if self.has_learned_sigmas else 1)
+        if out.shape[-1] != C:
+            raise ValueError(
+                f"model output has {out.shape[-1]} channels, expected {C} for {x.shape[-1]}-"
+                f"channel images with has_learned_sigmas={self.has_learned_sigmas}"
+            )
+        return _eps_to_D(x, s, out[..., : x.shape[-1]])  # learned sigma: eps = first half
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompVisDenoiser(_Float32Sigmas, DiscreteEpsDDPMDenoiser):
+    """A CompVis latent-diffusion eps model (SD 1.x) as k-diffusion's ``CompVisDenoiser``.
+
+    ``model(x_in, t, **cond)`` plays ``apply_model`` (e.g. the U-Net with ``context=``);
+    ``alphas_cumprod`` is the model's float32 buffer (``ldm_alphas_cumprod().astype(float32)``).
+    """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompVisVDenoiser(_Float32Sigmas, DiscreteVDDPMDenoiser):
+    """A CompVis latent-diffusion v model (SD 2.x 768-v) as k-diffusion's ``CompVisVDenoiser``."""
+
+
+def _torch_linspace64(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float64): start + i step (first half), end - (n-1-i)
+    step (second half), as torch's kernel (np.linspace differs in the last bit)."""
+    step = (end - start) / (n - 1)
+    i = np.arange(n)
+    return np.where(i < n // 2, start + step * i, end - step * (n - 1 - i))
+
+
+def ldm_betas(
+    num_timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012
+) -> np.ndarray:
+    """betas [T] (float64) of CompVis ``make_beta_schedule('linear', ...)`` (SD 1.x / 2.x):
+    linspace(sqrt(start), sqrt(end), T) ** 2 (ldm/modules/diffusionmodules/util.py:21)."""
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+    return _torch_linspace64(linear_start**0.5, linear_end**0.5, num_timesteps) ** 2
+
+
+def ldm_alphas_cumprod(
+    num_timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012
+) -> np.ndarray:
+    """alphas_cumprod [T] (float64) of the LDM linear schedule; LatentDiffusion keeps (and
+    saves) it as a float32 buffer, which is what ``CompVisDenoiser`` takes."""
+    return np.cumprod(1 - ldm_betas(num_timesteps, linear_start, linear_end))
+
+
+GUIDED_DIFFUSION_SCHEDULES = ("linear", "cosine")
+
+
+def guided_diffusion_betas(name: str = "linear", num_timesteps: int = 1000) -> np.ndarray:
+    """betas [T] (float64) of guided-diffusion's ``get_named_beta_schedule``.
+
+    linear: linspace(1e-4, 0.02) scaled by 1000 / T; cosine (iDDPM): 1 - abar(t+1)/abar(t)
+    for abar(t) = cos((t + 0.008) / 1.008 pi/2)^2, clipped at 0.999.
+    """
+    if name not in GUIDED_DIFFUSION_SCHEDULES:
+        raise ValueError(
+            f"unknown guided-diffusion schedule {name!r}; valid: {list(GUIDED_DIFFUSION_SCHEDULES)}"
+        )
+    T = num_timesteps
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        raise ValueError(f"num_timesteps must be an int >= 2, got {T!r}")
+    if name == "linear":
+        scale = 1000 / T
+        return np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)])
+
+
+def guided_diffusion_alphas_cumprod(name: str = "linear", num_timesteps: int = 1000) -> np.ndarray:
+    """alphas_cumprod [T] (float64) of a guided-diffusion ``GaussianDiffusion``."""
+    return np.cumprod(1 - guided_diffusion_betas(name, num_timesteps))
