@@ -1,0 +1,83 @@
+"""k-diffusion's ``K.config.make_model`` for a loaded config, and its Denoiser as an EDM denoiser.
+
+``make_model(config)`` takes the dict ``K.config.load_config`` returns (defaults filled) and
+builds the Flax network of ``config['model']['type']``; ``make_denoiser(model, config)`` is
+``K.layers.Denoiser``'s forward: D = c_skip x + c_out F(c_in x; ln(sigma)/4) with the config's
+sigma_data (``edm_jax.precond.EDMPrecond`` has exactly k-diffusion's scalings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from edm_jax.checks import check_choice
+from edm_jax.nets.kdiff_hdit import AttnSpec, HDiT, LevelSpec, MappingSpec
+from edm_jax.precond import EDMPrecond
+from edm_jax.precond import make_denoiser as _make_denoiser
+
+Array = jax.Array
+
+
+def _attn_spec(self_attn: dict) -> AttnSpec:
+    """AttnSpec of one ``self_attns`` entry (k-diffusion's defaults: d_head 64, kernel 7)."""
+    kind = self_attn.get("type")
+    check_choice("self-attention type", kind, ("global", "neighborhood", "shifted-window", "none"))
+    if kind == "shifted-window" and "window_size" not in self_attn:
+        raise ValueError(f"shifted-window self_attn needs 'window_size'; got {self_attn}")
+    return AttnSpec(
+        kind,
+        self_attn.get("d_head", 64),
+        self_attn.get("kernel_size", 7),
+        self_attn.get("window_size", 8),
+    )
+
+
+def make_hdit(config: dict) -> HDiT:
+    """HDiT of a loaded image_transformer_v2 config (``K.config.make_model``)."""
+    m, num_classes = config["model"], config["dataset"]["num_classes"]
+    lists = [m[k] for k in ("depths", "widths", "d_ffs", "self_attns", "dropout_rate")]
+    if len({len(v) for v in lists}) != 1:
+        raise ValueError(
+            f"depths, widths, d_ffs, self_attns and dropout_rate differ in length: {lists}"
+        )
+    levels = tuple(
+        LevelSpec(depth, width, d_ff, _attn_spec(sa), float(dr))
+        for depth, width, d_ff, sa, dr in zip(*lists, strict=True)
+    )
+    mapping = MappingSpec(
+        m["mapping_depth"], m["mapping_width"], m["mapping_d_ff"], m["mapping_dropout_rate"]
+    )
+    return HDiT(
+        levels,
+        mapping,
+        m["input_channels"],
+        m["input_channels"],
+        tuple(m["patch_size"]),
+        num_classes,
+        m["mapping_cond_dim"],
+    )
+
+
+MODEL_TYPES: dict[str, Callable[[dict], Any]] = {
+    "image_transformer_v2": make_hdit,
+}
+
+
+def make_model(config: dict):
+    """The Flax network of a loaded k-diffusion config; one clear error for an unknown type."""
+    kind = config["model"].get("type")
+    check_choice("k-diffusion model type", kind, MODEL_TYPES)
+    return MODEL_TYPES[kind](config)
+
+
+def make_denoiser(model, config: dict) -> Callable[..., Array]:
+    """denoise(params, x, sigma, **cond) = c_skip x + c_out F(c_in x; ln(sigma)/4) (K.layers.Denoiser)."""
+    sigma_data = config["model"].get("sigma_data", 1.0)
+
+    def apply_fn(params, x_in, c_noise, **cond):
+        return model.apply({"params": params}, x_in, c_noise, **cond)
+
+    return _make_denoiser(apply_fn, EDMPrecond(sigma_data=sigma_data))

@@ -1,0 +1,192 @@
+"""k-diffusion's networks (HDiT, image_v1, image_transformer_v1) against the reference fixtures.
+
+kdiff_*.npz hold k-diffusion 4601bf0 outputs with random weights (fixtures README, section
+"k-diffusion models"): inner_out / D / logvar and mid-layer values must agree to 5e-6
+relative L2, parameter counts exactly. One compilation per case (module-scoped cache).
+"""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edm_jax.nets import convert_kdiff
+from edm_jax.nets.kdiff_hdit import downscale_pos
+from edm_jax.nets.kdiff_layers import make_axial_pos
+from edm_jax.nets.kdiff_models import make_model
+from edm_jax.nets.model import count_params
+
+TOL = 5e-6
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def nhwc(a):
+    return jnp.asarray(a).transpose(0, 2, 3, 1)
+
+
+def nchw(a):
+    return np.asarray(a).transpose(0, 3, 1, 2)
+
+
+def run_case(model, config, params, inputs, capture):
+    """Jitted (D, inner_out, intermediates) for NHWC x and the case's conditioning."""
+
+    def forward(params, x, sigma, cond):
+        seen = {}
+
+        def apply_fn(p, x_in, c_noise, **kw):
+            out, state = model.apply(
+                {"params": p},
+                x_in,
+                c_noise,
+                **kw,
+                capture_intermediates=lambda m, _: "/".join(m.scope.path) in capture,
+                mutable=["intermediates"],
+            )
+            seen.update(out=out, mids=state["intermediates"])
+            return out
+
+        from edm_jax.precond import EDMPrecond
+        from edm_jax.precond import make_denoiser as md
+
+        D = md(apply_fn, EDMPrecond(sigma_data=config["model"]["sigma_data"]))(
+            params, x, sigma, **cond
+        )
+        return D, seen["out"], seen["mids"]
+
+    return jax.jit(forward)(params, *inputs)
+
+
+def mid(mids, path):
+    node = mids
+    for p in path.split("/"):
+        node = node[p]
+    return np.asarray(node["__call__"][0])
+
+
+# ---------------------------------------------------------------- HDiT (image_transformer_v2)
+
+HDIT_CASES = ["swin", "natten", "global", "natten_rect", "uncond_global"]
+HDIT_MIDS = {  # fixture mid name -> Flax module path whose output it is (depths [2, 1, 1])
+    "patch_in": "patch_in",
+    "time_emb": "time_in_proj",
+    "aug_emb": "aug_in_proj",
+    "class_emb": "class_emb",
+    "mapping_cond_emb": "mapping_cond_in_proj",
+    "cond": "mapping",
+    "down0": "down_levels_0_1",
+    "merge0": "merges_0",
+    "down1": "down_levels_1_0",
+    "merge1": "merges_1",
+    "mid": "mid_level_0",
+    "split1": "splits_1",
+    "up1": "up_levels_1_0",
+    "split0": "splits_0",
+    "up0": "up_levels_0_1",
+    "out_norm": "out_norm",
+}
+HDIT_MIDS_B0 = {
+    "down_levels.0.0.self_attn": "down_levels_0_0/self_attn",
+    "down_levels.0.1.self_attn": "down_levels_0_1/self_attn",
+    "mid_level.0.self_attn": "mid_level_0/self_attn",
+}
+
+
+@pytest.fixture(scope="module")
+def hdit(fixtures_dir):
+    data = np.load(fixtures_dir / "kdiff_hdit.npz")
+    config = json.loads(str(data["config_json"]))
+    sd = {k[len("param/") :]: data[k] for k in data.files if k.startswith("param/")}
+
+    @functools.cache
+    def case(name):
+        c = config["cases"][name]
+        model = make_model(c["config"])
+        params = convert_kdiff.from_state_dict({k: sd[k] for k, *_ in c["state_dict"]}, model)
+        pre = f"case/{name}/"
+        cond = {"aug_cond": data[pre + "aug_cond"]}
+        if pre + "class_cond" in data.files:
+            cond["class_cond"] = data[pre + "class_cond"].astype(np.int32)
+        if pre + "mapping_cond" in data.files:
+            cond["mapping_cond"] = data[pre + "mapping_cond"]
+        capture = set(HDIT_MIDS.values()) | set(HDIT_MIDS_B0.values())
+        inputs = (nhwc(data[pre + "x"]), data[pre + "sigma"], cond)
+        out = run_case(model, c["config"], params, inputs, capture)
+        return c, model, params, out
+
+    return data, config, sd, case
+
+
+@pytest.mark.parametrize("name", HDIT_CASES)
+def test_hdit_matches_reference(hdit, name):
+    data, _, _, case = hdit
+    c, model, params, (D, inner_out, mids) = case(name)
+    pre = f"case/{name}/"
+    assert count_params(params) == c["num_params"]
+    assert rel_l2(nchw(inner_out), data[pre + "inner_out"]) < TOL
+    assert rel_l2(nchw(D), data[pre + "D"]) < TOL
+    for key, path in HDIT_MIDS.items():
+        if pre + "mid/" + key in data.files:
+            got = mid(mids, path)
+            got = got[:2] if got.ndim == 4 else got
+            assert rel_l2(got, data[pre + "mid/" + key]) < TOL, key
+    for key, path in HDIT_MIDS_B0.items():
+        if pre + "mid_b0/" + key in data.files:
+            assert rel_l2(mid(mids, path)[:1], data[pre + "mid_b0/" + key]) < TOL, key
+
+
+@pytest.mark.parametrize("name", ["natten", "natten_rect"])
+def test_hdit_positions(hdit, name):
+    data = hdit[0]
+    pre = f"case/{name}/mid/"
+    pos = make_axial_pos(*data[pre + "pos0"].shape[:2])
+    for i in range(3):
+        np.testing.assert_allclose(pos, data[pre + f"pos{i}"], rtol=0, atol=1e-7)
+        pos = downscale_pos(pos)
+
+
+def test_hdit_state_dict_round_trip(hdit):
+    _, config, sd, case = hdit
+    c, model, params, _ = case("swin")
+    back = convert_kdiff.to_state_dict(params, model)
+    assert sorted(back) == sorted(k for k, *_ in c["state_dict"])
+    for k, v in back.items():
+        np.testing.assert_allclose(v, sd[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_hdit_converter_names_the_bad_key(hdit):
+    _, config, sd, case = hdit
+    c, model, _, _ = case("swin")
+    bad = dict(sd)
+    del bad["mid_level.0.ff.up_proj.weight"]
+    bad["merges.0.proj.weight"] = sd["merges.0.proj.weight"][:, :-1]
+    with pytest.raises(
+        ValueError, match=r"missing: mid_level\.0\.ff\.up_proj\.weight.*merges\.0\.proj\.weight"
+    ):
+        convert_kdiff.from_state_dict(bad, model)
+
+
+def test_hdit_bad_attention_type_is_one_clear_error(hdit):
+    config = json.loads(json.dumps(hdit[1]["cases"]["swin"]["config"]))
+    config["model"]["self_attns"][0]["type"] = "neighbourhood"
+    with pytest.raises(
+        ValueError,
+        match=r"unknown self-attention type 'neighbourhood' \(did you mean 'neighborhood'\?\)",
+    ):
+        make_model(config)
+
+
+def test_unknown_model_type_is_one_clear_error(hdit):
+    config = json.loads(json.dumps(hdit[1]["cases"]["swin"]["config"]))
+    config["model"]["type"] = "image_transformer_v3"
+    with pytest.raises(
+        ValueError, match=r"unknown k-diffusion model type 'image_transformer_v3'.*valid"
+    ):
+        make_model(config)
