@@ -15,6 +15,7 @@ import jax
 
 from edm_jax.checks import check_choice
 from edm_jax.nets.kdiff_hdit import AttnSpec, HDiT, LevelSpec, MappingSpec
+from edm_jax.nets.kdiff_image_v1 import ImageDenoiserV1
 from edm_jax.precond import EDMPrecond
 from edm_jax.precond import make_denoiser as _make_denoiser
 
@@ -61,7 +62,31 @@ def make_hdit(config: dict) -> HDiT:
     )
 
 
+def make_image_v1(config: dict) -> ImageDenoiserV1:
+    """image_v1 of a loaded config: ``KarrasAugmentWrapper(ImageDenoiserModelV1)`` if augment_wrapper."""
+    m = config["model"]
+    if m.get("cross_cond_dim", 0):
+        raise ValueError(
+            f"image_v1 cross-attention (cross_cond_dim={m['cross_cond_dim']}) is not supported; valid: 0"
+        )
+    return ImageDenoiserV1(
+        c_in=m["input_channels"],
+        mapping_out=m["mapping_out"],
+        depths=tuple(m["depths"]),
+        channels=tuple(m["channels"]),
+        self_attn_depths=tuple(bool(a) for a in m["self_attn_depths"]),
+        mapping_cond_dim=m["mapping_cond_dim"],
+        unet_cond_dim=m["unet_cond_dim"],
+        dropout=float(m["dropout_rate"]),
+        patch_size=m["patch_size"],
+        skip_stages=m["skip_stages"],
+        has_variance=m["has_variance"],
+        augment_wrapper=m["augment_wrapper"],
+    )
+
+
 MODEL_TYPES: dict[str, Callable[[dict], Any]] = {
+    "image_v1": make_image_v1,
     "image_transformer_v2": make_hdit,
 }
 
