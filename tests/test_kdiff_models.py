@@ -15,9 +15,11 @@ import pytest
 
 from edm_jax.nets import convert_kdiff
 from edm_jax.nets.kdiff_hdit import downscale_pos
+from edm_jax.nets.kdiff_image_v1 import grow_params
 from edm_jax.nets.kdiff_layers import make_axial_pos
 from edm_jax.nets.kdiff_models import make_model
 from edm_jax.nets.model import count_params
+from edm_jax.precond import EDMPrecond, make_denoiser
 
 TOL = 5e-6
 
@@ -35,8 +37,8 @@ def nchw(a):
     return np.asarray(a).transpose(0, 3, 1, 2)
 
 
-def run_case(model, config, params, inputs, capture):
-    """Jitted (D, inner_out, intermediates) for NHWC x and the case's conditioning."""
+def jit_forward(model, sigma_data, capture, **static):
+    """jit of (params, x, sigma, cond) -> (D, inner_out, logvar or None, intermediates)."""
 
     def forward(params, x, sigma, cond):
         seen = {}
@@ -47,21 +49,18 @@ def run_case(model, config, params, inputs, capture):
                 x_in,
                 c_noise,
                 **kw,
+                **static,
                 capture_intermediates=lambda m, _: "/".join(m.scope.path) in capture,
                 mutable=["intermediates"],
             )
-            seen.update(out=out, mids=state["intermediates"])
+            out, logvar = out if isinstance(out, tuple) else (out, None)
+            seen.update(out=out, logvar=logvar, mids=state["intermediates"])
             return out
 
-        from edm_jax.precond import EDMPrecond
-        from edm_jax.precond import make_denoiser as md
+        D = make_denoiser(apply_fn, EDMPrecond(sigma_data=sigma_data))(params, x, sigma, **cond)
+        return D, seen["out"], seen["logvar"], seen["mids"]
 
-        D = md(apply_fn, EDMPrecond(sigma_data=config["model"]["sigma_data"]))(
-            params, x, sigma, **cond
-        )
-        return D, seen["out"], seen["mids"]
-
-    return jax.jit(forward)(params, *inputs)
+    return jax.jit(forward)
 
 
 def mid(mids, path):
@@ -117,8 +116,8 @@ def hdit(fixtures_dir):
         if pre + "mapping_cond" in data.files:
             cond["mapping_cond"] = data[pre + "mapping_cond"]
         capture = set(HDIT_MIDS.values()) | set(HDIT_MIDS_B0.values())
-        inputs = (nhwc(data[pre + "x"]), data[pre + "sigma"], cond)
-        out = run_case(model, c["config"], params, inputs, capture)
+        fwd = jit_forward(model, c["config"]["model"]["sigma_data"], capture)
+        out = fwd(params, nhwc(data[pre + "x"]), data[pre + "sigma"], cond)
         return c, model, params, out
 
     return data, config, sd, case
@@ -127,7 +126,7 @@ def hdit(fixtures_dir):
 @pytest.mark.parametrize("name", HDIT_CASES)
 def test_hdit_matches_reference(hdit, name):
     data, _, _, case = hdit
-    c, model, params, (D, inner_out, mids) = case(name)
+    c, model, params, (D, inner_out, _, mids) = case(name)
     pre = f"case/{name}/"
     assert count_params(params) == c["num_params"]
     assert rel_l2(nchw(inner_out), data[pre + "inner_out"]) < TOL
@@ -190,3 +189,97 @@ def test_unknown_model_type_is_one_clear_error(hdit):
         ValueError, match=r"unknown k-diffusion model type 'image_transformer_v3'.*valid"
     ):
         make_model(config)
+
+
+# ---------------------------------------------------------------- image_v1
+
+V1_CASES = ["s0_p1", "s1_p1", "s0_p2", "s1_p2"]
+
+
+@pytest.fixture(scope="module")
+def image_v1(fixtures_dir):
+    data = np.load(fixtures_dir / "kdiff_image_v1.npz")
+    config = json.loads(str(data["config_json"]))
+    sd = {k[len("param/") :]: data[k] for k in data.files if k.startswith("param/")}
+
+    @functools.cache
+    def case(name):
+        c = config["cases"][name]
+        model = make_model(c["config"])
+        pre = f"case/{name}/"
+        own = set(c["own_params"])
+        csd = {k: data[pre + "param/" + k] if k in own else sd[k] for k, *_ in c["state_dict"]}
+        params = convert_kdiff.from_state_dict(csd, model, prefix="inner_model.")
+        n = len(c["config"]["model"]["depths"])
+        capture = {"mapping", "proj_in", "proj_out"}
+        capture |= {f"u_net/d_blocks_{i}" for i in range(n)} | {
+            f"u_net/u_blocks_{j}" for j in range(n)
+        }
+        fwd = jit_forward(model, c["config"]["model"]["sigma_data"], capture, return_variance=True)
+        cond = {k: data[pre + k] for k in ("aug_cond", "mapping_cond")}
+        inputs = (nhwc(data[pre + "x"]), data[pre + "sigma"], cond)
+        return c, model, params, fwd, inputs, csd
+
+    return data, config, case
+
+
+@pytest.mark.parametrize("name", V1_CASES)
+def test_image_v1_matches_reference(image_v1, name):
+    data, _, case = image_v1
+    c, model, params, fwd, inputs, _ = case(name)
+    D, inner_out, logvar, mids = fwd(params, *inputs)
+    pre = f"case/{name}/"
+    assert count_params(params) == c["num_params"]
+    assert rel_l2(nchw(inner_out), data[pre + "inner_out"]) < TOL
+    assert rel_l2(logvar, data[pre + "logvar"]) < TOL
+    assert rel_l2(nchw(D), data[pre + "D"]) < TOL
+    assert rel_l2(mid(mids, "mapping"), data[pre + "mid/mapping_out"]) < TOL
+    for key, path in [("proj_in_out", "proj_in"), ("proj_out_out", "proj_out")]:
+        assert rel_l2(nchw(mid(mids, path)), data[pre + "mid/" + key]) < TOL, key
+    executed = c["executed_d_blocks"]
+    for i in executed:
+        got = nchw(mid(mids, f"u_net/d_blocks_{i}"))
+        assert rel_l2(got, data[pre + f"mid/d_block{i}_out"]) < TOL, i
+    for j in range(len(executed)):
+        got = nchw(mid(mids, f"u_net/u_blocks_{j}"))
+        assert rel_l2(got, data[pre + f"mid/u_blocks.{j}_out"]) < TOL, j
+
+
+def test_image_v1_state_dict_round_trip(image_v1):
+    _, _, case = image_v1
+    c, model, params, _, _, csd = case("s1_p2")
+    back = convert_kdiff.to_state_dict(params, model, prefix="inner_model.")
+    assert sorted(back) == sorted(csd)  # unused levels (< skip_stages) kept, buffers written
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, csd[k], err_msg=k)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_image_v1_growth(image_v1, step):
+    data, config, case = image_v1
+    g = config["growth"][step]
+    src, dst = case(g["src"]), case(g["dst"])
+    grown = grow_params(src[2], dst[1], jax.random.key(step))
+    sd = convert_kdiff.to_state_dict(grown, dst[1], prefix="inner_model.")
+    assert sorted(sd) == sorted(dst[5])  # the destination's keys, resampler buffers added
+    init = f"grow/{step}/init/"
+    for k in g["added_keys"]:
+        np.testing.assert_array_equal(sd[k], data[init + k])
+    src_sd = convert_kdiff.to_state_dict(src[2], src[1], prefix="inner_model.")
+    for k, v in sd.items():
+        if k in g["reinitialised_keys"]:
+            assert v.shape == data[init + k].shape, k
+            continue
+        if k not in g["added_keys"]:
+            np.testing.assert_array_equal(v, src_sd[k], err_msg=k)
+    w = sd["inner_model.proj_in.weight"]
+    bound = 1 / np.sqrt(np.prod(w.shape[1:]))  # torch Conv2d default init
+    assert np.abs(w).max() <= bound and np.abs(w).std() > bound / 4
+    assert not sd["inner_model.proj_out.weight"].any() and not sd["inner_model.proj_out.bias"].any()
+    D, inner_out, logvar, _ = dst[3](grown, *dst[4])
+    x, sigma = dst[4][0], dst[4][1]
+    assert not np.asarray(inner_out).any() and not np.asarray(logvar).any()
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    np.testing.assert_allclose(
+        np.asarray(D), c_skip[:, None, None, None] * np.asarray(x), rtol=1e-6
+    )

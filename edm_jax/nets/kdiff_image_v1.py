@@ -147,12 +147,14 @@ class Block(nn.Module):
     attn: bool
     first: int  # DBlock: 1 (index 0 is the resampler); UBlock: 0 (the resampler is last)
     dropout: float = 0.0
+    resample: str = "none"  # "down": Downsample2d first (DBlock); "up": Upsample2d last (UBlock)
     group_size: int = 32
     head_size: int = 64
 
     @nn.compact
     def __call__(self, x: Array, cond: Array, train: bool = False) -> Array:
-        """x [B,H,W,c_in] -> [B,H,W,c_out]."""
+        """x [B,H,W,c_in] -> [B,H',W',c_out] (H' = H/2, H or 2H by `resample`)."""
+        x = downsample2d(x) if self.resample == "down" else x
         idx = self.first
         for i in range(self.depth):
             c_out = self.c_mid if i < self.depth - 1 else self.c_out
@@ -162,7 +164,7 @@ class Block(nn.Module):
                 heads, groups = max(1, c_out // self.head_size), max(1, c_out // self.group_size)
                 x = SelfAttention2d(heads, groups, self.dropout, name=str(idx))(x, cond, train)
                 idx += 1
-        return x
+        return upsample2d(x) if self.resample == "up" else x
 
 
 class UNet(nn.Module):
@@ -188,25 +190,26 @@ class UNet(nn.Module):
                 self._up(i)(jnp.zeros((1, 2, 2, c_in)), cond[:1])
         skips = []
         for i in range(s, n):
-            x = self._down(i)(downsample2d(x) if i > s else x, cond, train)
+            x = self._down(i)(x, cond, train)
             skips.append(x)
         for i in reversed(range(s, n)):
             if i < n - 1:
                 x = jnp.concatenate([x, skips[i - s]], axis=-1)  # [x, skip]
             x = self._up(i)(x, cond, train)
-            x = upsample2d(x) if i > s else x
         return x
 
     def _down(self, i: int) -> Block:
         """DBlock of level i (ModuleList index i; index 0 inside is the resampler)."""
         ch, attn = self.channels[i], self.self_attn_depths[i]
-        return Block(self.depths[i], ch, ch, attn, 1, self.dropout, name=f"d_blocks_{i}")
+        resample = "down" if i > self.skip_stages else "none"
+        return Block(self.depths[i], ch, ch, attn, 1, self.dropout, resample, name=f"d_blocks_{i}")
 
     def _up(self, i: int) -> Block:
         """UBlock of level i (ModuleList index n-1-i: u_blocks.0 is the deepest level)."""
         ch, c_out, attn = self.channels[i], self.channels[max(0, i - 1)], self.self_attn_depths[i]
         name = f"u_blocks_{len(self.depths) - 1 - i}"
-        return Block(self.depths[i], ch, c_out, attn, 0, self.dropout, name=name)
+        resample = "up" if i > self.skip_stages else "none"
+        return Block(self.depths[i], ch, c_out, attn, 0, self.dropout, resample, name=name)
 
 
 def pixel_unshuffle(x: Array, p: int) -> Array:
@@ -221,6 +224,25 @@ def pixel_shuffle(x: Array, p: int) -> Array:
     B, h, w, Cpp = x.shape
     x = x.reshape(B, h, w, Cpp // (p * p), p, p).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(B, h * p, w * p, Cpp // (p * p))
+
+
+class MappingNet(nn.Module):
+    """Linear, GELU, Linear, GELU (orthogonal weights), children named by Sequential index."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x [B, F] -> [B, F]."""
+        for i in (0, 2):
+            dense = nn.Dense(
+                self.features,
+                kernel_init=nn.initializers.orthogonal(),
+                bias_init=_bias_init(x.shape[-1]),
+                name=str(i),
+            )
+            x = gelu(dense(x))
+        return x
 
 
 class ImageDenoiserV1(nn.Module):
@@ -255,16 +277,7 @@ class ImageDenoiserV1(nn.Module):
             emb = emb + nn.Dense(
                 F, use_bias=False, kernel_init=torch_linear_init, name="mapping_cond"
             )(mapping_cond)
-        for i in (0, 2):
-            emb = gelu(
-                nn.Dense(
-                    F,
-                    kernel_init=nn.initializers.orthogonal(),
-                    bias_init=_bias_init(F),
-                    name=f"mapping_{i}",
-                )(emb)
-            )
-        return emb
+        return MappingNet(F, name="mapping")(emb)
 
     def _wrap(self, x: Array, aug_cond, mapping_cond) -> Array | None:
         """KarrasAugmentWrapper: mapping_cond = aug_cond (zeros if absent) ++ mapping_cond."""
@@ -351,17 +364,22 @@ def grow_params(params: dict, model: ImageDenoiserV1, rng: Array) -> dict:
     As ``set_skip_stages`` / ``set_patch_size``: every shared parameter is carried over, proj_in
     gets a fresh torch-default init and proj_out is zero, so the grown model starts at D = c_skip x.
     """
-    fresh = traverse_util.flatten_dict(model.init_params(rng))
+    shapes = traverse_util.flatten_dict(jax.eval_shape(model.init_params, jax.random.key(0)))
     old = traverse_util.flatten_dict(params)
-    missing = [k for k in fresh if k[0] not in ("proj_in", "proj_out") and k not in old]
-    if missing:
-        raise ValueError(f"params do not fit the grown model: missing {'/'.join(missing[0])}")
-    bad = [
-        k for k in fresh if k[0] not in ("proj_in", "proj_out") and old[k].shape != fresh[k].shape
-    ]
-    if bad:
-        raise ValueError(
-            f"params do not fit the grown model: {'/'.join(bad[0])} {old[bad[0]].shape} != {fresh[bad[0]].shape}"
-        )
-    out = {k: (v if k[0] in ("proj_in", "proj_out") else old[k]) for k, v in fresh.items()}
+    for k, leaf in shapes.items():
+        if k[0] in ("proj_in", "proj_out"):
+            continue
+        if k not in old:
+            raise ValueError(f"params do not fit the grown model: missing {'/'.join(k)}")
+        if old[k].shape != leaf.shape:
+            raise ValueError(
+                f"params do not fit the grown model: {'/'.join(k)} {old[k].shape} != {leaf.shape}"
+            )
+    kw, kb = jax.random.split(rng)
+    w_shape = shapes[("proj_in", "kernel")].shape  # [1, 1, in, out]
+    bound = 1 / math.sqrt(w_shape[2])  # torch Conv2d default init, fan_in = in * 1 * 1
+    out = {k: old[k] for k in shapes if k[0] not in ("proj_in", "proj_out")}
+    out[("proj_in", "kernel")] = jax.random.uniform(kw, w_shape, jnp.float32, -bound, bound)
+    out[("proj_in", "bias")] = jax.random.uniform(kb, (w_shape[3],), jnp.float32, -bound, bound)
+    out.update({k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if k[0] == "proj_out"})
     return traverse_util.unflatten_dict(out)
