@@ -18,10 +18,14 @@ from edm_jax.nets.kdiff_hdit import downscale_pos
 from edm_jax.nets.kdiff_image_v1 import grow_params
 from edm_jax.nets.kdiff_layers import make_axial_pos
 from edm_jax.nets.kdiff_models import make_model
+from edm_jax.nets.kdiff_transformer_v1 import patch, project_params
 from edm_jax.nets.model import count_params
 from edm_jax.precond import EDMPrecond, make_denoiser
 
 TOL = 5e-6
+# Each case compiles once; LLVM's slow optimisations cost 3x the compile time here and do not
+# change the maths (edm_jax.train.loop compiles its state initialisation the same way).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def rel_l2(a, b) -> float:
@@ -60,7 +64,7 @@ def jit_forward(model, sigma_data, capture, **static):
         D = make_denoiser(apply_fn, EDMPrecond(sigma_data=sigma_data))(params, x, sigma, **cond)
         return D, seen["out"], seen["logvar"], seen["mids"]
 
-    return jax.jit(forward)
+    return jax.jit(forward, compiler_options=FAST_COMPILE)
 
 
 def mid(mids, path):
@@ -283,3 +287,57 @@ def test_image_v1_growth(image_v1, step):
     np.testing.assert_allclose(
         np.asarray(D), c_skip[:, None, None, None] * np.asarray(x), rtol=1e-6
     )
+
+
+# ---------------------------------------------------------------- image_transformer_v1
+
+
+@pytest.fixture(scope="module")
+def transformer_v1(fixtures_dir):
+    data = np.load(fixtures_dir / "kdiff_transformer_v1.npz")
+    config = json.loads(str(data["config_json"]))
+    sd = {k[len("param/") :]: data[k] for k in data.files if k.startswith("param/")}
+    model = make_model(config["config"])
+    params = convert_kdiff.from_state_dict(sd, model)
+    capture = {"in_proj", "mapping", "out_norm", "time_in_proj", "aug_in_proj", "class_emb"}
+    capture |= {f"blocks_{i}" for i in range(config["config"]["model"]["depth"])}
+    fwd = jit_forward(model, config["config"]["model"]["sigma_data"], capture)
+    return data, config, sd, model, params, fwd
+
+
+@pytest.mark.parametrize("name", ["square", "rect"])
+def test_transformer_v1_matches_reference(transformer_v1, name):
+    data, config, _, model, params, fwd = transformer_v1
+    pre = f"case/{name}/"
+    cond = {
+        "aug_cond": data[pre + "aug_cond"],
+        "class_cond": data[pre + "class_cond"].astype(np.int32),
+    }
+    D, inner_out, _, mids = fwd(params, nhwc(data[pre + "x"]), data[pre + "sigma"], cond)
+    assert count_params(params) == config["num_params"]
+    assert rel_l2(nchw(inner_out), data[pre + "inner_out"]) < TOL
+    assert rel_l2(nchw(D), data[pre + "D"]) < TOL
+    ph, pw = config["config"]["model"]["patch_size"]
+    patches = patch(nhwc(data[pre + "inner_in"]), ph, pw)
+    np.testing.assert_array_equal(np.asarray(patches), data[pre + "mid/patches"])
+    h, w = data[pre + "x"].shape[2] // ph, data[pre + "x"].shape[3] // pw
+    np.testing.assert_allclose(
+        make_axial_pos(h, w, ph / pw).reshape(-1, 2), data[pre + "mid/pos"], atol=1e-7
+    )
+    mapping_in = sum(mid(mids, k) for k in ("time_in_proj", "aug_in_proj", "class_emb"))
+    assert rel_l2(mapping_in, data[pre + "mid/mapping_in"]) < TOL
+    for key, path in [("in_proj", "in_proj"), ("cond", "mapping"), ("out_norm", "out_norm")]:
+        assert rel_l2(mid(mids, path), data[pre + "mid/" + key]) < TOL, key
+    for i in range(config["config"]["model"]["depth"]):
+        assert rel_l2(mid(mids, f"blocks_{i}"), data[pre + f"mid/block{i}"]) < TOL, i
+
+
+def test_transformer_v1_qk_scale_clamp(transformer_v1):
+    data, _, sd, model, params, _ = transformer_v1
+    assert sd["blocks.0.self_attn.qk_norm.scale"][0] > np.log(100)  # the fixture exceeds the clamp
+    projected = convert_kdiff.to_state_dict(project_params(params), model)
+    for k in sd:
+        want = (
+            data["param_after_forward/" + k] if "param_after_forward/" + k in data.files else sd[k]
+        )
+        np.testing.assert_allclose(projected[k], want, rtol=1e-7, err_msg=k)

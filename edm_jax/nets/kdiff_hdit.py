@@ -221,7 +221,9 @@ class TokenSplit(nn.Module):
         x = linear(self.out_features * ph * pw, zero=self.zero, name="proj")(x)
         x = x.reshape(B, h, w, ph, pw, self.out_features).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(B, h * ph, w * pw, self.out_features)
-        if not self.with_skip:
+        if skip is None:
+            if self.with_skip:
+                raise ValueError("TokenSplit with_skip=True needs the skip tensor")
             return x
         fac = self.param("fac", nn.initializers.constant(0.5), (1,), jnp.float32)
         return skip + fac.astype(x.dtype) * (x - skip)  # torch.lerp(skip, x, fac)

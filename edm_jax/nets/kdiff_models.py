@@ -16,6 +16,7 @@ import jax
 from edm_jax.checks import check_choice
 from edm_jax.nets.kdiff_hdit import AttnSpec, HDiT, LevelSpec, MappingSpec
 from edm_jax.nets.kdiff_image_v1 import ImageDenoiserV1
+from edm_jax.nets.kdiff_transformer_v1 import ImageTransformerV1
 from edm_jax.precond import EDMPrecond
 from edm_jax.precond import make_denoiser as _make_denoiser
 
@@ -24,7 +25,7 @@ Array = jax.Array
 
 def _attn_spec(self_attn: dict) -> AttnSpec:
     """AttnSpec of one ``self_attns`` entry (k-diffusion's defaults: d_head 64, kernel 7)."""
-    kind = self_attn.get("type")
+    kind = str(self_attn.get("type"))
     check_choice("self-attention type", kind, ("global", "neighborhood", "shifted-window", "none"))
     if kind == "shifted-window" and "window_size" not in self_attn:
         raise ValueError(f"shifted-window self_attn needs 'window_size'; got {self_attn}")
@@ -85,8 +86,24 @@ def make_image_v1(config: dict) -> ImageDenoiserV1:
     )
 
 
+def make_transformer_v1(config: dict) -> ImageTransformerV1:
+    """image_transformer_v1 of a loaded config (d_ff already filled by load_config)."""
+    m = config["model"]
+    return ImageTransformerV1(
+        n_layers=m["depth"],
+        d_model=m["width"],
+        d_ff=m["d_ff"],
+        in_features=m["input_channels"],
+        out_features=m["input_channels"],
+        patch_size=tuple(m["patch_size"]),
+        num_classes=config["dataset"]["num_classes"],
+        dropout=float(m["dropout_rate"]),
+    )
+
+
 MODEL_TYPES: dict[str, Callable[[dict], Any]] = {
     "image_v1": make_image_v1,
+    "image_transformer_v1": make_transformer_v1,
     "image_transformer_v2": make_hdit,
 }
 
