@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from edm_jax.nets import convert_kdiff
 from edm_jax.nets.kdiff_hdit import downscale_pos
 from edm_jax.nets.kdiff_image_v1 import grow_params
 from edm_jax.nets.kdiff_layers import make_axial_pos
-from edm_jax.nets.kdiff_models import make_model
+from edm_jax.nets.kdiff_models import make_model, state_dict_prefix
 from edm_jax.nets.kdiff_transformer_v1 import patch, project_params
 from edm_jax.nets.model import count_params
 from edm_jax.precond import EDMPrecond, make_denoiser
@@ -341,3 +342,44 @@ def test_transformer_v1_qk_scale_clamp(transformer_v1):
             data["param_after_forward/" + k] if "param_after_forward/" + k in data.files else sd[k]
         )
         np.testing.assert_allclose(projected[k], want, rtol=1e-7, err_msg=k)
+
+
+# ---------------------------------------------------------------- shipped configs (no compute)
+
+
+SHIPPED = [
+    "config_32x32_small.json",
+    "config_32x32_small_butterflies.json",
+    "config_cifar10.json",
+    "config_cifar10_transformer.json",
+    "config_mnist.json",
+    "config_mnist_transformer.json",
+    "config_oxford_flowers.json",
+    "config_oxford_flowers_shifted_window.json",
+]
+EDGE_CASES = ["v2_minimal", "v2_float_dropout", "v1_transformer_minimal", "image_v1_minimal"]
+
+
+@pytest.fixture(scope="module")
+def kdiff_configs(fixtures_dir):
+    return json.loads((fixtures_dir / "kdiff_configs.json").read_text())
+
+
+@pytest.mark.parametrize("name", SHIPPED + EDGE_CASES)
+def test_shipped_config_parameter_counts(kdiff_configs, name):
+    entry = kdiff_configs["configs" if name in SHIPPED else "load_config_edge_cases"][name]
+    loaded = entry["loaded"]
+    model = make_model(loaded)
+    template = convert_kdiff.param_template(model)  # jax.eval_shape: nothing runs at full size
+    assert count_params(traverse_util.unflatten_dict(template)) == entry["num_params"]
+    if "state_dict" not in entry:
+        return
+    prefix = state_dict_prefix(loaded)
+    ours = {
+        prefix + convert_kdiff.torch_name(p): convert_kdiff.to_torch_layout(
+            p, np.zeros(v.shape, np.int8)
+        ).shape
+        for p, v in template.items()
+    }
+    ours.update({prefix + k: v.shape for k, v in model.reference_buffers().items()})
+    assert ours == {k: tuple(shape) for k, shape, *_ in entry["state_dict"]}

@@ -115,6 +115,12 @@ def make_model(config: dict):
     return MODEL_TYPES[kind](config)
 
 
+def state_dict_prefix(config: dict) -> str:
+    """'inner_model.' where the reference wraps the network in KarrasAugmentWrapper, else ''."""
+    m = config["model"]
+    return "inner_model." if m["type"] == "image_v1" and m.get("augment_wrapper", True) else ""
+
+
 def make_denoiser(model, config: dict) -> Callable[..., Array]:
     """denoise(params, x, sigma, **cond) = c_skip x + c_out F(c_in x; ln(sigma)/4) (K.layers.Denoiser)."""
     sigma_data = config["model"].get("sigma_data", 1.0)
