@@ -18,7 +18,8 @@ from edm_jax.nets import convert_kdiff
 from edm_jax.nets.kdiff_hdit import downscale_pos
 from edm_jax.nets.kdiff_image_v1 import grow_params
 from edm_jax.nets.kdiff_layers import make_axial_pos
-from edm_jax.nets.kdiff_models import make_model, state_dict_prefix
+from edm_jax.nets.kdiff_models import from_inference, make_model, state_dict_prefix, to_inference
+from edm_jax.nets.kdiff_models import make_denoiser as make_kdiff_denoiser
 from edm_jax.nets.kdiff_transformer_v1 import patch, project_params
 from edm_jax.nets.model import count_params
 from edm_jax.precond import EDMPrecond, make_denoiser
@@ -383,3 +384,39 @@ def test_shipped_config_parameter_counts(kdiff_configs, name):
     }
     ours.update({prefix + k: v.shape for k, v in model.reference_buffers().items()})
     assert ours == {k: tuple(shape) for k, shape, *_ in entry["state_dict"]}
+
+
+# ---------------------------------------------------------------- inference .safetensors
+
+
+def read_safetensors(path):
+    """Minimal numpy reader (8-byte header length, JSON header, raw little-endian data)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", {})
+    dtypes = {"F16": np.float16, "F32": np.float32}
+    tensors = {}
+    for k, e in header.items():
+        a, b = e["data_offsets"]
+        tensors[k] = np.frombuffer(raw[8 + n + a : 8 + n + b], dtypes[e["dtype"]]).reshape(
+            e["shape"]
+        )
+    return tensors, meta
+
+
+@pytest.mark.parametrize("run", ["hdit", "image_v1"])
+def test_inference_safetensors_forward_and_round_trip(fixtures_dir, run):
+    tensors, meta = read_safetensors(fixtures_dir / f"kdiff_inference_{run}_tiny.safetensors")
+    config, model, params = from_inference(tensors, meta)
+    ref = np.load(fixtures_dir / "kdiff_checkpoint.npz")
+    cond = {"class_cond": ref[f"{run}/class_cond"].astype(np.int32)} if run == "hdit" else {}
+    denoise = jax.jit(make_kdiff_denoiser(model, config), compiler_options=FAST_COMPILE)
+    D = denoise(params, nhwc(ref[f"{run}/x"]), ref[f"{run}/sigma"], **cond)
+    assert rel_l2(nchw(D), ref[f"{run}/D"]) < TOL
+    back, back_meta = to_inference(params, model, config)
+    assert back_meta == meta  # json.dumps(config, indent=4), as convert_for_inference.py
+    assert sorted(back) == sorted(tensors)
+    for k, v in back.items():
+        assert v.dtype == np.float16
+        np.testing.assert_array_equal(v, tensors[k], err_msg=k)

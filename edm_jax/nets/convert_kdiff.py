@@ -47,6 +47,14 @@ def param_template(model) -> dict:
     return traverse_util.flatten_dict(shapes)
 
 
+def _same_buffer(have: np.ndarray, value: np.ndarray) -> bool:
+    """Whether a stored buffer equals the derived one, after rounding to the stored dtype (fp16)."""
+    if have.shape != value.shape:
+        return False
+    want = value.astype(have.dtype).astype(np.float32)
+    return bool(np.allclose(have.astype(np.float32), want, rtol=1e-5, atol=1e-6))
+
+
 def _problems(state_dict, template, buffers, prefix) -> tuple[list, list, list]:
     """(missing, unexpected, mis-shaped or wrong-valued) reference names."""
     missing, bad = [], []
@@ -61,9 +69,7 @@ def _problems(state_dict, template, buffers, prefix) -> tuple[list, list, list]:
             bad.append(f"{name} {tuple(np.shape(state_dict[name]))} != {want}")
     for name, value in buffers.items():
         have = state_dict.get(prefix + name)
-        if have is not None and (
-            np.shape(have) != value.shape or not np.allclose(have, value, rtol=1e-5, atol=1e-6)
-        ):
+        if have is not None and not _same_buffer(np.asarray(have), value):
             bad.append(f"{prefix + name} (buffer differs from the configuration's)")
     used = {prefix + torch_name(p) for p in template} | {prefix + b for b in buffers}
     return missing, sorted(set(state_dict) - used), bad

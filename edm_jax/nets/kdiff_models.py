@@ -4,16 +4,21 @@
 builds the Flax network of ``config['model']['type']``; ``make_denoiser(model, config)`` is
 ``K.layers.Denoiser``'s forward: D = c_skip x + c_out F(c_in x; ln(sigma)/4) with the config's
 sigma_data (``edm_jax.precond.EDMPrecond`` has exactly k-diffusion's scalings).
+``from_inference`` / ``to_inference`` map the contents of ``convert_for_inference.py``'s
+.safetensors (fp16 state_dict + the config JSON in its metadata) to and from our params.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from edm_jax.checks import check_choice
+from edm_jax.nets import convert_kdiff
 from edm_jax.nets.kdiff_hdit import AttnSpec, HDiT, LevelSpec, MappingSpec
 from edm_jax.nets.kdiff_image_v1 import ImageDenoiserV1
 from edm_jax.nets.kdiff_transformer_v1 import ImageTransformerV1
@@ -129,3 +134,28 @@ def make_denoiser(model, config: dict) -> Callable[..., Array]:
         return model.apply({"params": params}, x_in, c_noise, **cond)
 
     return _make_denoiser(apply_fn, EDMPrecond(sigma_data=sigma_data))
+
+
+def from_inference(
+    tensors: dict[str, np.ndarray], metadata: dict[str, str]
+) -> tuple[dict, Any, dict]:
+    """(config, model, float32 params) of a ``convert_for_inference.py`` .safetensors' contents.
+
+    `tensors` / `metadata` are what a safetensors reader returns (edm_jax.nets.reader); the
+    metadata 'config' is the json.dumps of the loaded (defaults-filled) k-diffusion config.
+    """
+    if "config" not in metadata:
+        raise ValueError(f"no 'config' in the safetensors metadata; keys: {sorted(metadata)}")
+    config = json.loads(metadata["config"])
+    model = make_model(config)
+    params = convert_kdiff.from_state_dict(tensors, model, prefix=state_dict_prefix(config))
+    return config, model, params
+
+
+def to_inference(
+    params: Any, model, config: dict, dtype=np.float16
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) as ``convert_for_inference.py`` writes them: the state_dict in fp16, config JSON."""
+    sd = convert_kdiff.to_state_dict(params, model, prefix=state_dict_prefix(config))
+    tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in sorted(sd.items())}
+    return tensors, {"config": json.dumps(config, indent=4)}
