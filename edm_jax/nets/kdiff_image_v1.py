@@ -56,19 +56,29 @@ def conv_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def conv(
-    features: int, k: int, *, bias: bool = True, init=conv_init, name: str | None = None
-) -> nn.Conv:
-    """A torch-initialised k x k convolution with 'same' zero padding."""
-    return nn.Conv(
-        features,
-        (k, k),
-        padding=k // 2,
-        use_bias=bias,
-        kernel_init=init,
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+class Conv2d(nn.Module):
+    """torch nn.Conv2d (k x k, zero 'same' padding), kernel HWIO; default init as torch's."""
+
+    features: int
+    k: int
+    bias: bool = True
+    zero: bool = False  # zero-initialised weight and bias (the reference's residual outputs)
+    orthogonal: bool = False  # nn.init.orthogonal_ weight (ResConvBlock skip)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x [B,H,W,C_in] -> [B,H,W,features]."""
+        fan_in = x.shape[-1] * self.k * self.k
+        shape = (self.k, self.k, x.shape[-1], self.features)
+        init = nn.initializers.orthogonal() if self.orthogonal else conv_init
+        w = self.param("kernel", nn.initializers.zeros if self.zero else init, shape, jnp.float32)
+        pad = ((self.k // 2, self.k // 2),) * 2
+        dims = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), pad, dimension_numbers=dims)
+        if self.bias:
+            b_init = nn.initializers.zeros if self.zero else _bias_init(fan_in)
+            y = y + self.param("bias", b_init, (self.features,), jnp.float32).astype(x.dtype)
+        return y
 
 
 def group_norm(x: Array, groups: int, eps: float = 1e-5) -> Array:
@@ -108,11 +118,11 @@ class ResConvBlock(nn.Module):
         c_in = x.shape[-1]
         drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
         h = gelu(AdaGN(max(1, c_in // self.group_size), name="main_0")(x, cond))
-        h = drop(conv(self.c_mid, 3, name="main_2")(h))
+        h = drop(Conv2d(self.c_mid, 3, name="main_2")(h))
         h = gelu(AdaGN(max(1, self.c_mid // self.group_size), name="main_4")(h, cond))
-        h = drop(conv(self.c_out, 3, init=nn.initializers.zeros, name="main_6")(h))
+        h = drop(Conv2d(self.c_out, 3, zero=True, name="main_6")(h))
         if c_in != self.c_out:
-            x = conv(self.c_out, 1, bias=False, init=nn.initializers.orthogonal(), name="skip")(x)
+            x = Conv2d(self.c_out, 1, bias=False, orthogonal=True, name="skip")(x)
         return h + x
 
 
@@ -128,14 +138,14 @@ class SelfAttention2d(nn.Module):
         """x [B,H,W,C] -> [B,H,W,C]."""
         B, H, W, C = x.shape
         e = C // self.n_head
-        qkv = conv(3 * C, 1, name="qkv_proj")(AdaGN(self.groups, name="norm_in")(x, cond))
+        qkv = Conv2d(3 * C, 1, name="qkv_proj")(AdaGN(self.groups, name="norm_in")(x, cond))
         q, k, v = jnp.moveaxis(qkv.reshape(B, H * W, 3, self.n_head, e), 2, 0)  # (t nh e)
         logits = jnp.einsum(
             "bind,bjnd->bnij", q, k, preferred_element_type=jnp.float32
         ) / math.sqrt(e)
         p = nn.Dropout(self.dropout, deterministic=not train)(jax.nn.softmax(logits, axis=-1))
         y = jnp.einsum("bnij,bjnd->bind", p.astype(v.dtype), v).reshape(B, H, W, C)
-        return x + conv(C, 1, init=nn.initializers.zeros, name="out_proj")(y)
+        return x + Conv2d(C, 1, zero=True, name="out_proj")(y)
 
 
 class Block(nn.Module):
@@ -309,7 +319,7 @@ class ImageDenoiserV1(nn.Module):
         cond = self._mapping(c_noise, self._wrap(x, aug_cond, mapping_cond))
         if self.unet_cond_dim:
             x = jnp.concatenate([x, unet_cond], axis=-1)
-        x = conv(width, 1, name="proj_in")(pixel_unshuffle(x, p) if p > 1 else x)
+        x = Conv2d(width, 1, name="proj_in")(pixel_unshuffle(x, p) if p > 1 else x)
         unet = UNet(
             self.depths,
             self.channels,
@@ -320,7 +330,7 @@ class ImageDenoiserV1(nn.Module):
         )
         x = unet(x, cond, train)
         n_out = self.c_in * p * p + (1 if self.has_variance else 0)
-        x = conv(n_out, 1, init=nn.initializers.zeros, name="proj_out")(x)
+        x = Conv2d(n_out, 1, zero=True, name="proj_out")(x)
         logvar = None
         if self.has_variance:
             x, logvar = x[..., :-1], x[..., -1].reshape(x.shape[0], -1).mean(axis=1)
