@@ -481,6 +481,7 @@ def test_qk_norm_clamp_passes_the_gradient_straight_through():
     x = jax.random.normal(jax.random.key(0), (1, 2, 5, 8))
     norm = QKNorm(2)
 
+    @jax.jit
     def f(s):
         return jnp.sum(norm.apply({"params": {"scale": s}}, x) * x)
 
