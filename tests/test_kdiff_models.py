@@ -18,8 +18,13 @@ from edm_jax.nets import convert_kdiff
 from edm_jax.nets.kdiff_hdit import downscale_pos
 from edm_jax.nets.kdiff_image_v1 import grow_params
 from edm_jax.nets.kdiff_layers import make_axial_pos
-from edm_jax.nets.kdiff_models import from_inference, make_model, state_dict_prefix, to_inference
-from edm_jax.nets.kdiff_models import make_denoiser as make_kdiff_denoiser
+from edm_jax.nets.kdiff_models import (
+    KDiffusionModel,
+    from_inference,
+    make_model,
+    state_dict_prefix,
+    to_inference,
+)
 from edm_jax.nets.kdiff_transformer_v1 import patch, project_params
 from edm_jax.nets.model import count_params
 from edm_jax.precond import EDMPrecond, make_denoiser
@@ -408,13 +413,17 @@ def read_safetensors(path):
 @pytest.mark.parametrize("run", ["hdit", "image_v1"])
 def test_inference_safetensors_forward_and_round_trip(fixtures_dir, run):
     tensors, meta = read_safetensors(fixtures_dir / f"kdiff_inference_{run}_tiny.safetensors")
-    config, model, params = from_inference(tensors, meta)
+    config, net, params = from_inference(tensors, meta)
+    model = KDiffusionModel(net, config)  # the interface edm_jax.sample reads
     ref = np.load(fixtures_dir / "kdiff_checkpoint.npz")
-    cond = {"class_cond": ref[f"{run}/class_cond"].astype(np.int32)} if run == "hdit" else {}
-    denoise = jax.jit(make_kdiff_denoiser(model, config), compiler_options=FAST_COMPILE)
-    D = denoise(params, nhwc(ref[f"{run}/x"]), ref[f"{run}/sigma"], **cond)
+    labels = None
+    if run == "hdit":  # one-hot rows; the null class (index num_classes = 2) is an all-zero row
+        labels = np.eye(model.label_dim + 1, dtype=np.float32)[ref["hdit/class_cond"]][:, :-1]
+        assert ref["hdit/class_cond"].tolist() == [0, 2]
+    denoise = jax.jit(model.denoise, compiler_options=FAST_COMPILE)
+    D = denoise(params, nhwc(ref[f"{run}/x"]), ref[f"{run}/sigma"], labels)
     assert rel_l2(nchw(D), ref[f"{run}/D"]) < TOL
-    back, back_meta = to_inference(params, model, config)
+    back, back_meta = to_inference(params, net, config)
     assert back_meta == meta  # json.dumps(config, indent=4), as convert_for_inference.py
     assert sorted(back) == sorted(tensors)
     for k, v in back.items():

@@ -10,6 +10,7 @@ sigma_data (``edm_jax.precond.EDMPrecond`` has exactly k-diffusion's scalings).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -159,3 +160,64 @@ def to_inference(
     sd = convert_kdiff.to_state_dict(params, model, prefix=state_dict_prefix(config))
     tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in sorted(sd.items())}
     return tensors, {"config": json.dumps(config, indent=4)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KDiffusionModel:
+    """A k-diffusion network with its Denoiser, in the interface ``edm_jax.sample`` reads.
+
+    ``denoise(params, x, sigma, labels=None, augment_labels=None)``: labels are class indices
+    [B] or one-hot [B, num_classes] where an all-zero row is the null class (index
+    num_classes, k-diffusion's dropped label, so classifier-free guidance works unchanged);
+    augment_labels are the 9-dim aug_cond. ``precond`` carries sigma_data and the config's
+    sigma range.
+    """
+
+    net: Any
+    config: dict
+
+    @property
+    def precond(self) -> EDMPrecond:
+        """EDM scalings with the config's sigma_data; sigma range from the config."""
+        m = self.config["model"]
+        return EDMPrecond(
+            m.get("sigma_data", 1.0), m.get("sigma_min", 0.0), m.get("sigma_max", float("inf"))
+        )
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes (0: unconditional)."""
+        return int(self.config["dataset"].get("num_classes", 0))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the config's images."""
+        h, w = self.config["model"]["input_size"]
+        return int(h), int(w), int(self.config["model"]["input_channels"])
+
+    def init(self, rng: Array) -> dict:
+        """Float32 parameters as the reference initialises them."""
+        return self.net.init_params(rng)
+
+    def class_index(self, labels: Any) -> Array:
+        """Class indices [B] from indices or one-hot rows (all-zero row -> null class num_classes)."""
+        labels = jax.numpy.asarray(labels)
+        if labels.ndim == 1:
+            return labels.astype(jax.numpy.int32)
+        idx = jax.numpy.argmax(labels, axis=-1).astype(jax.numpy.int32)
+        return jax.numpy.where(jax.numpy.any(labels != 0, axis=-1), idx, self.label_dim)
+
+    def denoise(self, params, x, sigma, labels=None, augment_labels=None, **cond) -> Array:
+        """D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma)/4), float32 NHWC."""
+        if self.label_dim and labels is None:
+            raise ValueError(f"labels are required: the model has {self.label_dim} classes")
+        if self.label_dim:
+            cond["class_cond"] = self.class_index(labels)
+        if augment_labels is not None:
+            cond["aug_cond"] = augment_labels
+        return make_denoiser(self.net, self.config)(params, x, sigma, **cond)
+
+
+def from_config(config: dict) -> KDiffusionModel:
+    """KDiffusionModel of a loaded (defaults-filled) k-diffusion config."""
+    return KDiffusionModel(make_model(config), config)
