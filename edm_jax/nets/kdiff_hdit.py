@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -134,6 +135,7 @@ class SelfAttentionBlock(nn.Module):
     spec: AttnSpec
     shift: int = 0  # shifted-window only: ws // 2 on odd layer indices
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, pos: np.ndarray, cond: Array, train: bool = False) -> Array:
@@ -142,11 +144,11 @@ class SelfAttentionBlock(nn.Module):
         d_head = self.spec.d_head
         nh = C // d_head
         scale = self.param("scale", nn.initializers.constant(10.0), (nh,), jnp.float32)
-        qkv = linear(3 * C, name="qkv_proj")(AdaRMSNorm(name="norm")(x, cond))
+        qkv = linear(3 * C, name="qkv_proj", dtype=self.dtype)(AdaRMSNorm(name="norm")(x, cond))
         q, k, v = jnp.moveaxis(qkv.reshape(B, h, w, 3, nh, d_head), 3, 0)  # (t nh e)
         q, k = scale_for_cosine_sim(q, k, scale[:, None])
         freqs = jnp.asarray(rope_freqs(d_head, nh))  # [nh, d_head/8]
-        p = jnp.asarray(pos, x.dtype)[..., None, :]  # [h, w, 1, 2]
+        p = jnp.asarray(pos, jnp.float32)[..., None, :]  # [h, w, 1, 2]; theta in float32
         theta = jnp.concatenate([p[..., 0:1] * freqs, p[..., 1:2] * freqs], axis=-1)
         q, k = apply_rotary_emb(q, theta), apply_rotary_emb(k, theta)
         if self.spec.kind == "neighborhood":
@@ -156,7 +158,7 @@ class SelfAttentionBlock(nn.Module):
         else:
             y = global_attention(q, k, v, scale=1.0)
         y = nn.Dropout(self.dropout, deterministic=not train)(y.reshape(B, h, w, C))
-        return x + linear(C, zero=True, name="out_proj")(y)
+        return x + linear(C, zero=True, name="out_proj", dtype=self.dtype)(y)
 
 
 class FeedForwardBlock(nn.Module):
@@ -165,12 +167,13 @@ class FeedForwardBlock(nn.Module):
     d_model: int
     d_ff: int
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, cond: Array, train: bool = False) -> Array:
         """x [B,h,w,C], cond [B,F] -> [B,h,w,C]."""
         h = AdaRMSNorm(name="norm")(x, cond)
-        return x + geglu_feed_forward(h, self.d_model, self.d_ff, self.dropout, train)
+        return x + geglu_feed_forward(h, self.d_model, self.d_ff, self.dropout, train, self.dtype)
 
 
 class TransformerLayer(nn.Module):
@@ -178,6 +181,7 @@ class TransformerLayer(nn.Module):
 
     spec: LevelSpec
     index: int  # layer index within the level side; up levels continue from depth
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, pos: np.ndarray, cond: Array, train: bool = False) -> Array:
@@ -185,9 +189,11 @@ class TransformerLayer(nn.Module):
         s = self.spec
         if s.self_attn.kind != "none":
             shift = s.self_attn.window_size // 2 if self.index % 2 == 1 else 0
-            block = SelfAttentionBlock(s.width, s.self_attn, shift, s.dropout, name="self_attn")
+            block = SelfAttentionBlock(
+                s.width, s.self_attn, shift, s.dropout, self.dtype, name="self_attn"
+            )
             x = block(x, pos, cond, train)
-        return FeedForwardBlock(s.width, s.d_ff, s.dropout, name="ff")(x, cond, train)
+        return FeedForwardBlock(s.width, s.d_ff, s.dropout, self.dtype, name="ff")(x, cond, train)
 
 
 class TokenMerge(nn.Module):
@@ -195,6 +201,7 @@ class TokenMerge(nn.Module):
 
     out_features: int
     patch_size: tuple[int, int] = (2, 2)
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -202,7 +209,8 @@ class TokenMerge(nn.Module):
         B, H, W, C = x.shape
         ph, pw = self.patch_size
         x = x.reshape(B, H // ph, ph, W // pw, pw, C).transpose(0, 1, 3, 2, 4, 5)
-        return linear(self.out_features, name="proj")(x.reshape(B, H // ph, W // pw, ph * pw * C))
+        x = x.reshape(B, H // ph, W // pw, ph * pw * C)
+        return linear(self.out_features, name="proj", dtype=self.dtype)(x)
 
 
 class TokenSplit(nn.Module):
@@ -212,13 +220,14 @@ class TokenSplit(nn.Module):
     patch_size: tuple[int, int] = (2, 2)
     with_skip: bool = True
     zero: bool = False  # patch_out is zero-initialised in the reference
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None = None) -> Array:
         """x [B,h,w,C] (, skip [B,h*ph,w*pw,out]) -> [B,h*ph,w*pw,out]."""
         B, h, w, _ = x.shape
         ph, pw = self.patch_size
-        x = linear(self.out_features * ph * pw, zero=self.zero, name="proj")(x)
+        x = linear(self.out_features * ph * pw, zero=self.zero, name="proj", dtype=self.dtype)(x)
         x = x.reshape(B, h, w, ph, pw, self.out_features).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(B, h * ph, w * pw, self.out_features)
         if skip is None:
@@ -243,6 +252,9 @@ class HDiT(nn.Module):
     patch_size: tuple[int, int] = (4, 4)
     num_classes: int = 0
     mapping_cond_dim: int = 0
+    dtype: Any = (
+        jnp.float32
+    )  # the token path (linears, attention inputs); norms, softmax, mapping: float32
 
     def min_token_grid(self) -> int:
         """Smallest square level-0 token grid that every level's window or kernel fits."""
@@ -327,27 +339,31 @@ class HDiT(nn.Module):
         self._check(x, aug_cond, class_cond, mapping_cond)
         aug_cond = jnp.zeros((x.shape[0], 9), x.dtype) if aug_cond is None else aug_cond
         cond = self._cond(c_noise, aug_cond, class_cond, mapping_cond, train)
-        x = TokenMerge(self.levels[0].width, self.patch_size, name="patch_in")(x)
+        x = TokenMerge(self.levels[0].width, self.patch_size, self.dtype, name="patch_in")(
+            x.astype(self.dtype)
+        )
         pos = make_axial_pos(x.shape[1], x.shape[2])
         skips, poses = [], []
         for i, spec in enumerate(self.levels[:-1]):
             for j in range(spec.depth):
-                x = TransformerLayer(spec, j, name=f"down_levels_{i}_{j}")(x, pos, cond, train)
+                x = TransformerLayer(spec, j, self.dtype, name=f"down_levels_{i}_{j}")(
+                    x, pos, cond, train
+                )
             skips.append(x)
             poses.append(pos)
-            x = TokenMerge(self.levels[i + 1].width, name=f"merges_{i}")(x)
+            x = TokenMerge(self.levels[i + 1].width, dtype=self.dtype, name=f"merges_{i}")(x)
             pos = downscale_pos(pos)
         mid = self.levels[-1]
         for j in range(mid.depth):
-            x = TransformerLayer(mid, j, name=f"mid_level_{j}")(x, pos, cond, train)
+            x = TransformerLayer(mid, j, self.dtype, name=f"mid_level_{j}")(x, pos, cond, train)
         for i in reversed(range(len(self.levels) - 1)):
             spec = self.levels[i]
-            x = TokenSplit(spec.width, name=f"splits_{i}")(x, skips[i])
+            x = TokenSplit(spec.width, dtype=self.dtype, name=f"splits_{i}")(x, skips[i])
             for j in range(spec.depth):
-                x = TransformerLayer(spec, spec.depth + j, name=f"up_levels_{i}_{j}")(
+                x = TransformerLayer(spec, spec.depth + j, self.dtype, name=f"up_levels_{i}_{j}")(
                     x, poses[i], cond, train
                 )
         x = RMSNorm(name="out_norm")(x)
         return TokenSplit(
-            self.out_channels, self.patch_size, with_skip=False, zero=True, name="patch_out"
+            self.out_channels, self.patch_size, False, True, self.dtype, name="patch_out"
         )(x)

@@ -25,10 +25,17 @@ def torch_linear_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> 
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def linear(features: int, *, zero: bool = False, bias: bool = False, name: str | None = None):
-    """A torch-initialised Linear (zero-initialised when `zero`), kernel [in, out]."""
+def linear(
+    features: int,
+    *,
+    zero: bool = False,
+    bias: bool = False,
+    name: str | None = None,
+    dtype=jnp.float32,
+):
+    """A torch-initialised Linear (zero-initialised when `zero`), kernel [in, out] float32, computing in dtype."""
     init = nn.initializers.zeros if zero else torch_linear_init
-    return nn.Dense(features, use_bias=bias, kernel_init=init, name=name)
+    return nn.Dense(features, use_bias=bias, kernel_init=init, dtype=dtype, name=name)
 
 
 def gelu(x: Array) -> Array:
@@ -83,11 +90,13 @@ class AdaRMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
-def geglu_feed_forward(x: Array, d_model: int, d_ff: int, dropout: float, train: bool) -> Array:
+def geglu_feed_forward(
+    x: Array, d_model: int, d_ff: int, dropout: float, train: bool, dtype=jnp.float32
+) -> Array:
     """up_proj (2 d_ff) -> a * gelu(gate) -> dropout -> down_proj (zero-init); call inside @compact."""
-    a, gate = jnp.split(linear(2 * d_ff, name="up_proj")(x), 2, axis=-1)
+    a, gate = jnp.split(linear(2 * d_ff, name="up_proj", dtype=dtype)(x), 2, axis=-1)
     x = nn.Dropout(dropout, deterministic=not train)(a * gelu(gate))
-    return linear(d_model, zero=True, name="down_proj")(x)
+    return linear(d_model, zero=True, name="down_proj", dtype=dtype)(x)
 
 
 class MappingFeedForwardBlock(nn.Module):

@@ -125,7 +125,9 @@ def shifted_window_attention(
         return x.transpose(0, 1, 3, 5, 2, 4, 6).reshape(B, n_h, n_w, nh, ws * ws, d)
 
     mask = shifted_window_masks(n_h, n_w, ws, shift).reshape(n_h, n_w, 1, ws * ws, ws * ws)
-    logits = jnp.einsum("bxyniD,bxynjD->bxynij", windows(q), windows(k))
+    logits = jnp.einsum(
+        "bxyniD,bxynjD->bxynij", windows(q), windows(k), preferred_element_type=jnp.float32
+    )
     logits = jnp.where(mask, logits.astype(jnp.float32) * scale, -jnp.inf)
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bxynij,bxynjD->bxyniD", p, windows(v)).reshape(B, n_h, n_w, nh, ws, ws, d)
