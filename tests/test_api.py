@@ -193,7 +193,8 @@ def test_cli_training_run_same_png_bytes_in_batch_1_and_16(tmp_path, tiny_run):
         assert f["labels"].shape == (16,) and f["labels"].max() < 10
     from PIL import Image
 
-    assert Image.open(tmp_path / "b16" / "grid.png").size == (32, 32)
+    # 4x4 tiles of 8x8, each upscaled to 32x32 as the training grids (issue 23)
+    assert Image.open(tmp_path / "b16" / "grid.png").size == (128, 128)
     assert not list((tmp_path / "b16").glob(".*tmp"))  # no temp files left behind
 
 
@@ -210,7 +211,8 @@ def test_cli_reference_npz(tmp_path, fixtures_dir):
 
 def test_cli_list_samplers(capsys):
     assert _run_cli("--list-samplers") == 0
-    names = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines if line[:1].isalpha() and "," not in line.split()[0]]
     assert "heun" in names and "dpmpp_2m" in names and names == sorted(names)
 
 
