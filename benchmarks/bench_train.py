@@ -20,10 +20,11 @@ import types
 import jax
 import numpy as np
 
+from edm_jax.nets.spec import build_model_from_config
 from edm_jax.train.config_io import default_config
 from edm_jax.train.state import init_state
 from edm_jax.train.step import batch_sharding, make_mesh, make_train_step, state_sharding
-from edm_jax.train.validate import build_model_from_config, validate_config
+from edm_jax.train.validate import validate_config
 
 CASES = {
     "ddpmpp_cifar10": dict(arch="ddpmpp_cifar10", res=32, batch=512, net={}),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from edm_jax.data.augment import augment
+from edm_jax.nets.spec import build_model_from_config
 from edm_jax.train.config_io import default_config
 from edm_jax.train.state import ema_update, init_state, make_optimizer
 from edm_jax.train.step import (
@@ -32,7 +33,6 @@ from edm_jax.train.step import (
     make_train_step,
     state_sharding,
 )
-from edm_jax.train.validate import build_model_from_config
 
 
 def _ms(fn, *args, repeats: int) -> float:

@@ -13,7 +13,6 @@ falling back to an older step when the newest cannot be read (e.g. while it is d
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,10 +27,8 @@ __all__ = [
     "committed_steps",
     "load_checkpoint",
     "locate_checkpoint",
-    "model_from_spec",
     "quiet_orbax",
     "read_json_item",
-    "resolved_spec",
     "verify_manifest",
     "write_manifest",
 ]
@@ -127,36 +124,6 @@ def read_json_item(step_dir: str | os.PathLike, item: str) -> Any:
     return json.loads((Path(step_dir) / item / "metadata").read_text())
 
 
-def model_from_spec(spec: dict) -> Any:
-    """The DiffusionModel described by a checkpoint's model_spec item."""
-    from edm_jax.nets.presets import build_model
-
-    spec = dict(spec)
-    net = spec.pop("net")
-    spec.pop("version", None)
-    arch = spec.pop("arch")
-    encoder = spec.pop("encoder", None)  # latent models: (VAE preset or config, weights)
-    names = tuple(spec.pop("class_names", None) or ())  # folder datasets: class names
-    model = build_model(arch, **spec, **net)
-    model = dataclasses.replace(model, class_names=names) if names else model
-    return dataclasses.replace(model, encoder=tuple(encoder)) if encoder else model
-
-
-def resolved_spec(spec: dict) -> dict:
-    """A model spec with every settable field of its network filled (defaults included)."""
-    from edm_jax.nets.presets import net_fields, resolve_arch
-
-    net_cls, preset = resolve_arch(spec["arch"])
-    settable = set(net_fields(net_cls))
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(net_cls)
-        if f.name in settable and f.default is not dataclasses.MISSING
-    }
-    net = json.loads(json.dumps({**defaults, **preset, **spec["net"]}, default=str))
-    return {**spec, "net": net}
-
-
 def locate_checkpoint(path: str) -> tuple[Path, int | None]:
     """(checkpoints folder, step) of a workdir (step None: the newest) or one step folder."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -195,7 +162,7 @@ def _model_from_old_config(config: Any, step_dir: Path) -> Any:
     """Checkpoints written before model_spec existed: the model from the training config."""
     import types
 
-    from edm_jax.train.validate import build_model_from_config  # the training stack
+    from edm_jax.nets.spec import build_model_from_config
 
     label_dim = 0
     if config.data.use_labels:
@@ -221,6 +188,8 @@ def _read_step(step_dir: Path) -> tuple[Any, Any, Any]:
         raise ValueError(problem)
     config = ml_collections.ConfigDict(read_json_item(step_dir, "config"))
     if (step_dir / SPEC_ITEM).is_dir():
+        from edm_jax.nets.spec import model_from_spec
+
         model = model_from_spec(read_json_item(step_dir, SPEC_ITEM))
     else:
         model = _model_from_old_config(config, step_dir)

@@ -22,7 +22,8 @@ import pytest
 from train_testlib import ROOT, compile_cache, tiny_config, tree_equal
 
 from edm_jax import api
-from edm_jax.checkpoints import committed_steps, model_from_spec, quiet_orbax, read_json_item
+from edm_jax.checkpoints import committed_steps, quiet_orbax, read_json_item
+from edm_jax.nets.spec import model_from_spec
 from edm_jax.train import loop
 from edm_jax.train.checkpoint import CheckpointSaveError, ConfigChangedError
 from edm_jax.train.workdir_lock import WorkdirLockedError

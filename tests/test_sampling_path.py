@@ -14,9 +14,9 @@ from edm_jax.train import grid
 
 def test_imagenet64_grid_is_bounded_per_device():
     """The imagenet64 config's grid (1000 classes) plans bounded batches, not 10,000 images."""
+    from edm_jax.nets.spec import build_model_from_config
     from edm_jax.train import loop
     from edm_jax.train.config_io import load_config
-    from edm_jax.train.validate import build_model_from_config
 
     config = load_config(str(ROOT / "configs" / "imagenet64.py"))
     source = types.SimpleNamespace(num_classes=1000, resolution=64, channels=3)

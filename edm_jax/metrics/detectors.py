@@ -21,9 +21,9 @@ import numpy as np
 from flax import traverse_util
 
 from edm_jax.metrics import preprocess
-from edm_jax.metrics.convert_weights import params_from_state_dict, read_state_dict
 from edm_jax.metrics.dinov2 import DINOV2_PRESETS, DinoConfig, DinoVisionTransformer
 from edm_jax.metrics.inception import InceptionV3
+from edm_jax.metrics.state_dict import params_from_state_dict, read_state_dict
 
 Array = jax.Array
 

@@ -1,5 +1,6 @@
 """Training: config loading and validation, train state and EMA, sharded step, checkpoints, loop."""
 
+from edm_jax.nets.spec import build_model_from_config
 from edm_jax.train.checkpoint import Checkpointer
 from edm_jax.train.config_io import default_config, load_config, merge_mapping, to_json
 from edm_jax.train.loop import setup, total_steps, train
@@ -7,7 +8,7 @@ from edm_jax.train.multihost import maybe_initialize
 from edm_jax.train.reporting import NonFiniteLossError
 from edm_jax.train.state import TrainState, init_state, make_optimizer
 from edm_jax.train.step import make_mesh, make_train_step, state_sharding
-from edm_jax.train.validate import build_model_from_config, validate_config, validate_data
+from edm_jax.train.validate import validate_config, validate_data
 
 __all__ = [
     "Checkpointer",

@@ -38,11 +38,11 @@ from edm_jax.checkpoints import (
     committed_steps,
     quiet_orbax,
     read_json_item,
-    resolved_spec,
     verify_manifest,
     write_manifest,
 )
 from edm_jax.fileio import free_space
+from edm_jax.nets.spec import resolved_spec
 
 __all__ = [
     "CheckpointMismatchError",

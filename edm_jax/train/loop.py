@@ -20,13 +20,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from edm_jax.checkpoints import model_from_spec
-from edm_jax.data.augment import augment_dim
 from edm_jax.data.load import describe_source, load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.fileio import atomic_write_text
 from edm_jax.metrics.evaluate import make_evaluator
-from edm_jax.nets.presets import resolve_arch
+from edm_jax.nets.spec import model_from_spec, spec_from_config
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
@@ -68,25 +66,6 @@ class Run:
     lock: WorkdirLock | None = None
 
 
-def model_spec(config: ml_collections.ConfigDict, source) -> dict:
-    """Everything build_model needs (JSON), saved with each checkpoint for readers."""
-    _, fields = resolve_arch(config.model.arch)
-    net = {**fields, **config.model.net.to_dict()}
-    return json.loads(json.dumps({
-        "version": 1, "arch": config.model.arch, "precond": config.model.precond,
-        "precond_kwargs": config.model.precond_kwargs.to_dict(),
-        "img_resolution": source.resolution, "img_channels": source.channels,
-        "label_dim": source.num_classes if config.data.use_labels else 0,
-        "augment_dim": augment_dim() if config.train.augment_p > 0 else 0,
-        "dtype": config.model.dtype, "self_cond": bool(config.model.self_cond),
-        "patch_size": config.model.patch_size, "net": net,
-        "encoder": [config.data.encoder, config.data.encoder_weights]
-        if config.data.get("encoder", "") else None,
-        **({"class_names": list(source.class_names)}
-           if config.data.use_labels and getattr(source, "class_names", None) else {}),
-    }))  # fmt: skip
-
-
 def _say(line: str) -> None:
     """One line on stdout from the primary process (start, resume, compile, stop)."""
     if jax.process_index() == 0:
@@ -120,7 +99,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     source = load_source(config.data)
     validate_data(config, source)
     _say(describe_source(source, config.data))
-    spec = model_spec(config, source)
+    spec = spec_from_config(config, source)
     model = model_from_spec(spec)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -5,29 +5,25 @@ Every error is a ValueError that names the config key, the bad value and the val
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import ml_collections
 
 from edm_jax import losses
 from edm_jax.checks import did_you_mean
-from edm_jax.data.augment import augment_dim
 from edm_jax.data.load import SOURCES
 from edm_jax.metrics.evaluate import check_eval_config
-from edm_jax.nets.model import DiffusionModel
 from edm_jax.nets.presets import (
     ARCHITECTURES,
     DTYPES,
     PRESETS,
-    build_model,
     net_fields,
     resolve_arch,
 )
 from edm_jax.precond import PRECONDS
 from edm_jax.schedules import DENSITIES
 
-__all__ = ["REMAT", "build_model_from_config", "validate_config", "validate_data"]
+__all__ = ["REMAT", "validate_config", "validate_data"]
 
 REMAT = ("none", "dots", "full")
 
@@ -178,29 +174,6 @@ def validate_data(config: ml_collections.ConfigDict, source) -> None:
             f"config.data.resolution={res} (patch_size {config.model.patch_size}) is not "
             f"divisible by 2^{len(mult) - 1} for config.model.net.channel_mult={mult}"
         )
-
-
-def build_model_from_config(config: ml_collections.ConfigDict, source) -> DiffusionModel:
-    """The DiffusionModel of config.model for this data source (labels, augment labels)."""
-    label_dim = source.num_classes if config.data.use_labels else 0
-    aug_dim = augment_dim() if config.train.augment_p > 0 else 0
-    model = build_model(
-        config.model.arch,
-        precond=config.model.precond,
-        img_resolution=source.resolution,
-        img_channels=source.channels,
-        label_dim=label_dim,
-        augment_dim=aug_dim,
-        dtype=config.model.dtype,
-        self_cond=config.model.self_cond,
-        patch_size=config.model.patch_size,
-        precond_kwargs=config.model.precond_kwargs.to_dict(),
-        **config.model.net.to_dict(),
-    )
-    if config.data.get("encoder", ""):  # latent model: samples are decoded by this VAE
-        encoder = (config.data.encoder, config.data.encoder_weights)
-        model = dataclasses.replace(model, encoder=encoder)
-    return model
 
 
 def check_numbers_and_platform(config: ml_collections.ConfigDict, devices) -> None:
