@@ -61,6 +61,7 @@ def test_missing_config_file():
         ("loss.kwargs", {"Pmean": 0.0}, "loss.kwargs: unknown options"),
         ("train.remat", "some", "train.remat"),
         ("optim.lr", -1.0, "optim.lr"),
+        ("ema.snapshot_every_kimg", -1.0, "config.ema.snapshot_every_kimg must be a number >= 0"),
     ],
 )
 def test_bad_values_fail_before_compiling(tmp_path, monkeypatch, key, value, match):

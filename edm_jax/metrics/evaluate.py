@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import api
+from edm_jax.cadence import crossed
 from edm_jax.metrics import refs
 from edm_jax.metrics.stats import FeatureStats, InceptionScore, frechet_distance, kid
 
@@ -381,11 +382,7 @@ def make_evaluator(run):
     check_reference(ref, metrics, dims, ev.ref)
 
     def evaluate(reporter, step: int, prev_step: int | None):
-        every = ev.every_kimg
-        if step == 0 or (
-            prev_step is not None
-            and int(step * bs / 1000 / every) == int(prev_step * bs / 1000 / every)
-        ):
+        if step == 0 or (prev_step is not None and not crossed(step, prev_step, bs, ev.every_kimg)):
             return None
         t0 = time.time()
         params = _replicated_host_copy(run.state.ema, run.mesh)

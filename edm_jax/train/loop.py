@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from edm_jax.cadence import crossed
 from edm_jax.data.load import describe_source, load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.fileio import atomic_write_text
@@ -195,9 +196,7 @@ def _maybe_grid(run: Run, sampler, step: int, prev_step: int | None) -> str | No
     every, bs = run.config.log.sample_every_kimg, run.config.train.batch_size
     if sampler is None:
         return None
-    if prev_step is not None and int(step * bs / 1000 / every) == int(
-        prev_step * bs / 1000 / every
-    ):
+    if prev_step is not None and not crossed(step, prev_step, bs, every):
         return None
     ema = run.state.ema
     if jax.process_count() > 1:  # edm_jax.sample runs on the local devices: gather the EMA

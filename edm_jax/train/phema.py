@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edm_jax.cadence import crossed
 from edm_jax.train.state import exp_to_std, std_to_exp
 
 __all__ = [
@@ -255,7 +256,7 @@ def maybe_save_snapshots(workdir, model, state, config, step: int) -> list[Path]
     if not every or not config.ema.power_stds:
         return []
     bs = config.train.batch_size
-    if int(step * bs / 1000 / every) == int((step - 1) * bs / 1000 / every):
+    if not crossed(step, step - 1, bs, every):
         return []
     import jax
 

@@ -106,6 +106,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         config, "optim.lr_rampup_kimg", "ema.halflife_kimg", "ema.rampup_ratio", allow_zero=True
     )
     _positive(config, "train.augment_p", "log.sample_every_kimg", allow_zero=True)
+    _finite(config, "ema.snapshot_every_kimg")
+    _positive(config, "ema.snapshot_every_kimg", allow_zero=True)
     if config.train.augment_p > 1:
         raise ValueError(f"config.train.augment_p must be in [0, 1], got {config.train.augment_p}")
     for std in config.ema.power_stds:
