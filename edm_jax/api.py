@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import guidance, schedules
+from edm_jax.checks import check_range, check_scalar, check_seeds
 from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, canonical_name, sampler_info
-from edm_jax.samplers.checks import MAX_SEED, check_range, check_scalar
 from edm_jax.types import Array
 
 __all__ = [
@@ -68,12 +68,7 @@ def _resolve_seeds(num_samples: int | None, seeds) -> np.ndarray:
         ):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         return np.arange(num_samples, dtype=np.int64)
-    arr = np.asarray(seeds)
-    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu" or np.any(arr < 0):
-        raise ValueError(f"seeds must be a non-empty 1-D list of ints >= 0, got {seeds!r}")
-    if np.any(arr > MAX_SEED):  # seeds are folded into keys as uint32: larger ones would alias
-        raise ValueError(f"seed {int(arr.max())} is out of range: seeds must be in [0, {MAX_SEED}]")
-    return arr.astype(np.int64)
+    return check_seeds(seeds)
 
 
 def _resolve_labels(labels, n: int, label_dim: int, cfg_scale: float) -> np.ndarray | None:

@@ -17,20 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edm_jax.checks import check_choice, check_positive, check_steps, concrete
+from edm_jax.checks import check_choice, check_positive, check_range, check_steps, concrete
 
 Array = jax.Array
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_range(sigma_min, sigma_max) -> None:
-    check_positive("sigma_min", sigma_min)
-    check_positive("sigma_max", sigma_max)
-    lo, hi = concrete(sigma_min), concrete(sigma_max)
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"sigma_min ({sigma_min}) must be <= sigma_max ({sigma_max})")
 
 
 def float_dtype():
@@ -52,7 +44,7 @@ def _ramp(n: int, start: float = 0.0, stop: float = 1.0) -> Array:
 def karras(n: int, sigma_min, sigma_max, rho=7.0) -> Array:
     """Karras et al. (2022) schedule, EDM eq. 5: (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho."""
     check_steps(n)
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     check_positive("rho", rho)
     min_inv_rho = jnp.asarray(sigma_min, float_dtype()) ** (1 / rho)
     max_inv_rho = jnp.asarray(sigma_max, float_dtype()) ** (1 / rho)
@@ -67,7 +59,7 @@ def edm(n: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> Array:
 def exponential(n: int, sigma_min, sigma_max) -> Array:
     """Exponential schedule: sigmas evenly spaced in log sigma."""
     check_steps(n)
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     log_max = jnp.log(jnp.asarray(sigma_max, float_dtype()))
     log_min = jnp.log(jnp.asarray(sigma_min, float_dtype()))
     return _append_zero(jnp.exp(log_max + _ramp(n) * (log_min - log_max)))
@@ -76,7 +68,7 @@ def exponential(n: int, sigma_min, sigma_max) -> Array:
 def polyexponential(n: int, sigma_min, sigma_max, rho=1.0) -> Array:
     """Polynomial in log sigma: exp(ramp^rho (log max - log min) + log min), ramp 1 -> 0."""
     check_steps(n)
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     check_positive("rho", rho)
     log_max = jnp.log(jnp.asarray(sigma_max, float_dtype()))
     log_min = jnp.log(jnp.asarray(sigma_min, float_dtype()))
@@ -160,7 +152,7 @@ def vp(
     if (sigma_min is None) != (sigma_max is None):
         raise ValueError("vp: give both sigma_min and sigma_max, or neither")
     if sigma_min is not None:
-        _check_range(sigma_min, sigma_max)
+        check_range(sigma_min, sigma_max)
         schedule = VPSchedule.from_range(sigma_min, sigma_max, eps_s)
     else:
         check_positive("beta_d", beta_d)
@@ -172,7 +164,7 @@ def vp(
 def ve(n: int, sigma_min=0.02, sigma_max=100.0) -> Array:
     """VE time discretization (EDM Table 1): t_i = max^2 (min^2/max^2)^(i/(n-1)), sigma = sqrt(t)."""
     check_steps(n)
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     smin = jnp.asarray(sigma_min, float_dtype())
     smax = jnp.asarray(sigma_max, float_dtype())
     t = smax**2 * (smin**2 / smax**2) ** _ramp(n)
@@ -182,7 +174,7 @@ def ve(n: int, sigma_min=0.02, sigma_max=100.0) -> Array:
 def linear(n: int, sigma_min, sigma_max) -> Array:
     """Sigmas evenly spaced from sigma_max down to sigma_min."""
     check_steps(n)
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     smin = jnp.asarray(sigma_min, float_dtype())
     smax = jnp.asarray(sigma_max, float_dtype())
     return _append_zero(smax + _ramp(n) * (smin - smax))
@@ -210,7 +202,7 @@ def iddpm_u_table(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> np.n
 def iddpm(n: int, sigma_min=0.002, sigma_max=81.0, C_1=0.001, C_2=0.008, M=1000) -> Array:
     """iDDPM time discretization (EDM Table 1): n of the u_j in [min, max], evenly by index."""
     check_steps(n)
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     u = jnp.asarray(iddpm_u_table(M, C_1, C_2), float_dtype())
     inside = (u >= sigma_min) & (u <= sigma_max)
     first = jnp.argmax(inside)  # u decreases, so the kept u_j are contiguous
@@ -266,7 +258,7 @@ def loglogistic(
 
 def loguniform(rng: Array, shape: Shape, min_value, max_value) -> Array:
     """ln(sigma) ~ U(ln min_value, ln max_value)."""
-    _check_range(min_value, max_value)
+    check_range(min_value, max_value, ("min_value", "max_value"))
     return jnp.exp(_uniform(rng, shape, math.log(min_value), math.log(max_value)))
 
 
@@ -309,7 +301,7 @@ def cosine_interpolated(
     max_value=1e3,
 ) -> Array:
     """Simple-diffusion's shifted cosine log-SNR, interpolated between two noise_d's in t."""
-    _check_range(min_value, max_value)
+    check_range(min_value, max_value, ("min_value", "max_value"))
     for name, v in (
         ("image_d", image_d),
         ("noise_d_low", noise_d_low),
@@ -339,7 +331,7 @@ def vp_uniform(
 
 def ve_uniform(rng: Array, shape: Shape, sigma_min=0.02, sigma_max=100.0) -> Array:
     """VE loss density: sigma = min (max/min)^u, u ~ U(0, 1) (NVlabs/edm VELoss)."""
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     return sigma_min * (sigma_max / sigma_min) ** _uniform(rng, shape)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from edm_jax.samplers.checks import check_sigmas
+from edm_jax.checks import check_sigmas
 from edm_jax.types import Array, Denoiser, StepCallback
 
 

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from edm_jax.checks import check_range
 from edm_jax.samplers.core import ancestral_step, call, emit, is_zero, prepare, with_extra_args
 from edm_jax.samplers.noise import resolve_noise
 
@@ -110,20 +111,6 @@ def _step3(denoise, x, t, t_next, eps) -> Array:
 _STEPS = {1: _step1, 2: _step2, 3: _step3}
 
 
-def _check_range(sigma_min, sigma_max) -> None:
-    """Concrete 0 < sigma_min < sigma_max < inf, else ValueError (traced values pass)."""
-    from edm_jax.samplers.checks import check_range
-
-    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-        try:
-            bad = float(v) <= 0
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            bad = False
-        if bad:
-            raise ValueError(f"{name} must be > 0 for DPM-Solver, got {v!r}")
-    check_range(sigma_min, sigma_max)
-
-
 def _time_range(sigma_min, sigma_max) -> tuple[Array, Array]:
     """(t_start, t_end) = (-log sigma_max, -log sigma_min) as float32 scalars."""
     return _t(jnp.asarray(sigma_max, F32)), _t(jnp.asarray(sigma_min, F32))
@@ -167,7 +154,7 @@ def sample_dpm_fast(
     disable=None,
 ):
     """DPM-Solver-Fast: n evaluations as 3rd-order steps then a 2nd/1st-order tail, t uniform."""
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n (number of evaluations) must be an int >= 1, got {n!r}")
     x, _ = prepare(x, jnp.array([1.0, 0.0]))
@@ -313,7 +300,7 @@ def sample_dpm_adaptive(
     disable=None,
 ):
     """DPM-Solver-12/23 with PID step-size control (Lu et al. 2022), one lax.while_loop."""
-    _check_range(sigma_min, sigma_max)
+    check_range(sigma_min, sigma_max)
     if order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order!r}")
     x, _ = prepare(x, jnp.array([1.0, 0.0]))

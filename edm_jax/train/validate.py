@@ -10,7 +10,7 @@ import math
 import ml_collections
 
 from edm_jax import losses
-from edm_jax.checks import did_you_mean
+from edm_jax.checks import MAX_SEED, did_you_mean
 from edm_jax.data.load import SOURCES
 from edm_jax.metrics.evaluate import check_eval_config
 from edm_jax.nets.presets import (
@@ -89,7 +89,7 @@ def _finite(config: ml_collections.ConfigDict, *keys: str) -> None:
 
 def _check_seed(seed) -> None:
     """config.seed is an int in [0, 2**32) (the data order and the initial weights use it)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"config.seed must be an int in [0, 2**32), got {seed!r}")
 
 
