@@ -1,9 +1,9 @@
 """EDM2 throughput: training images/s and sampling images/s with peak memory, as JSON.
 
 Default: EDM2-S at 64x64 pixels (edm2-img64-s, 280M parameters, 1000 classes). One train
-step = forced weight normalisation + EDM2 loss gradient + Adam (0.9/0.99) + inverse-sqrt
-lr; sampling = EDM2's edm_sampler (``--steps`` steps, 2 steps - 1 network calls). On a CPU
-use a tiny batch (and ``--channels`` to shrink the net); the JSON says which device ran.
+step = the training loop's own Trainer on NVlabs/edm2's recipe (forced weight normalisation,
+EDM2 loss, Adam 0.9/0.99, inverse-sqrt lr, EMAs, sharding); sampling = EDM2's edm_sampler
+(``--steps`` steps, 2 steps - 1 network calls). On a CPU use a tiny batch (and ``--channels`` to shrink the net); the JSON says which device ran.
 
     python benchmarks/bench_edm2.py --batch 64 --sample-batch 64          # on a GPU
     python benchmarks/bench_edm2.py --batch 1 --sample-batch 1 --steps 4  # CPU, slow
@@ -16,17 +16,17 @@ import functools
 import json
 import resource
 import time
+import types
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from edm_jax.losses import edm2_loss
-from edm_jax.nets.edm2_unet import edm2_logvar, forced_normalize
 from edm_jax.nets.model import count_params
-from edm_jax.nets.presets import EDM2_TRAINING, build_model
+from edm_jax.nets.presets import EDM2_TRAINING
+from edm_jax.nets.spec import build_model_from_config
 from edm_jax.samplers.edm2 import edm2_time_steps, sample_edm2
-from edm_jax.train.edm2 import make_edm2_optimizer
+from edm_jax.train import recipes
+from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 
 
 def peak_memory_bytes() -> dict:
@@ -38,49 +38,46 @@ def peak_memory_bytes() -> dict:
     return out
 
 
-def make_train_step(model, tx, t):
-    """Jitted (params, opt_state, images, labels, rng) -> (params, opt_state, loss)."""
-    logvar = functools.partial(edm2_logvar, model)
-
-    def loss_fn(params, batch, rng):
-        def denoise(p, x, s, **c):
-            return model.denoise(p, x, s, train=True, rng=rng, **c)
-
-        kw = dict(P_mean=t["P_mean"], P_std=t["P_std"])
-        return edm2_loss(rng, params, batch, denoise=denoise, logvar=logvar, **kw)[0]
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, images, labels, rng):
-        params = forced_normalize(params)
-        loss, grads = jax.value_and_grad(loss_fn)(params, {"image": images, "label": labels}, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+def edm2_config(preset: str, batch: int, dtype: str, channels: int | None):
+    """The training config of NVlabs/edm2's recipe for `preset` (edm2-<dataset>-<size>)."""
+    _, dataset, size = preset.split("-")
+    c = recipes.edm2(f"size={size}", dataset=dataset)
+    t = EDM2_TRAINING[preset]
+    c.data.update(resolution=t["img_resolution"], channels=t["img_channels"], use_labels=True)
+    c.model.dtype = dtype
+    if channels:
+        c.model.net.model_channels = channels
+    c.train.batch_size = batch
+    return c
 
 
-def bench_train(model, t, batch: int, iters: int) -> dict:
-    """Training images/s (after one compile-and-warm-up step)."""
-    params = jax.jit(model.init)(jax.random.key(0))
-    tx = make_edm2_optimizer(params, batch, t["ref_lr"], t["ref_batches"], 10)
-    opt_state = tx.init(params)
-    step = make_train_step(model, tx, t)
+def bench_train(config, model, iters: int) -> dict:
+    """Training images/s of the real Trainer (forced weight normalisation, EDM2 loss, Adam
+    0.9/0.99 with the inverse-sqrt lr, EMAs, sharding), after one compile-and-warm-up step."""
+    trainer = Trainer.from_config(model, config)
+    mesh = make_mesh()
+    shardings = state_sharding(jax.eval_shape(trainer.init, jax.random.key(0)), mesh)
+    state = jax.jit(trainer.init, out_shardings=shardings)(jax.random.key(0))
+    batch = config.train.batch_size
     shape = (batch, model.img_resolution, model.img_resolution, model.img_channels)
-    images = jax.random.normal(jax.random.key(1), shape) * 0.5
-    cls = jax.random.randint(jax.random.key(2), (batch,), 0, max(model.label_dim, 1))
-    labels = cls if model.label_dim else None
+    arrays = {
+        "image": jax.random.normal(jax.random.key(1), shape) * 0.5,
+        "label": jax.random.randint(jax.random.key(2), (batch,), 0, model.label_dim),
+    }
+    arrays = jax.device_put(arrays, batch_sharding(mesh))
+    step = trainer.jit_step(mesh, shardings)
     t0 = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state, images, labels, jax.random.key(3))
-    loss.block_until_ready()
+    state, m = step(state, arrays)
+    jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in range(iters):
-        params, opt_state, loss = step(params, opt_state, images, labels, jax.random.key(4 + i))
-    loss.block_until_ready()
+    for _ in range(iters):
+        state, m = step(state, arrays)
+    jax.block_until_ready(m)
     dt = time.perf_counter() - t0
-    n = count_params(params)
+    n = count_params(jax.device_get(state.params))
     return {"train_images_per_s": batch * iters / dt, "train_step_s": dt / iters,
-            "train_compile_s": compile_s, "num_params": n, "loss": float(loss)}  # fmt: skip
+            "train_compile_s": compile_s, "num_params": n, "loss": float(m["loss"])}  # fmt: skip
 
 
 def bench_sample(model, batch: int, steps: int) -> dict:
@@ -118,11 +115,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     t = EDM2_TRAINING[args.preset]
-    over = {"model_channels": args.channels} if args.channels else {}
-    model = build_model(
-        args.preset, img_resolution=t["img_resolution"], img_channels=t["img_channels"],
-        label_dim=1000, dtype=args.dtype, **over,
-    )  # fmt: skip
+    config = edm2_config(args.preset, args.batch, args.dtype, args.channels)
+    source = types.SimpleNamespace(
+        resolution=t["img_resolution"], channels=t["img_channels"], num_classes=1000
+    )
+    model = build_model_from_config(config, source)
     result = {
         "benchmark": "edm2", "preset": args.preset, "model_channels": model.net.model_channels,
         "resolution": t["img_resolution"], "dtype": args.dtype, "batch": args.batch,
@@ -130,7 +127,7 @@ def main(argv=None) -> dict:
         "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
         "num_devices": 1,
     }  # fmt: skip
-    result |= bench_train(model, t, args.batch, args.iters)
+    result |= bench_train(config, model, args.iters)
     result |= bench_sample(model, args.sample_batch, args.steps)
     result |= peak_memory_bytes()
     print(json.dumps(result, indent=1))

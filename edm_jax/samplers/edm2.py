@@ -4,6 +4,8 @@ Differences from NVlabs/edm's sampler that this reproduces: the time steps and t
 computed in ``dtype`` (float32 by default, so t_0 = 79.999985 rather than 80), the denoiser's
 output is cast to ``dtype``, and the last step is a plain Euler step (no second-order
 correction towards sigma = 0). Guidance is applied by the denoiser (``edm_jax.guidance``).
+It stays outside the registry (``edm_jax.samplers.SAMPLERS``, k-diffusion's calling convention)
+as an exact-port function: the reference's ``denoise(x, sigma)`` with a 0-d sigma, for parity.
 """
 
 from __future__ import annotations

@@ -8,17 +8,13 @@ each factor only where its setting is positive (eq. 67-68 of the paper).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-
-from edm_jax.nets.model import trainable_mask
 
 Array = jax.Array
 
-__all__ = ["edm2_lr_schedule", "learning_rate_schedule", "make_edm2_optimizer"]
+__all__ = ["edm2_lr_schedule", "learning_rate_schedule"]
 
 
 def learning_rate_schedule(
@@ -48,22 +44,3 @@ def edm2_lr_schedule(
         return learning_rate_schedule(nimg, batch_size, ref_lr, ref_batches, rampup_Mimg)
 
     return schedule
-
-
-def make_edm2_optimizer(
-    params: Any,
-    batch_size: int,
-    ref_lr: float = 100e-4,
-    ref_batches: float = 70e3,
-    rampup_Mimg: float = 10,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-):
-    """Adam (betas 0.9/0.99, EDM2) with the inverse-sqrt schedule; buffers frozen."""
-    schedule = edm2_lr_schedule(batch_size, ref_lr, ref_batches, rampup_Mimg)
-    tx = optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(schedule)
-    )
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params))
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
