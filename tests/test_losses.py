@@ -109,9 +109,14 @@ def test_jit_and_grad():
     def denoise(params, x, sigma):
         return params * x
 
-    fn = jax.jit(jax.grad(lambda p, k, b: losses.edm_loss(k, p, b, denoise=denoise)[0]))
-    g = fn(0.5, jax.random.key(0), {"image": jnp.ones((8, 2, 2, 1))})
-    assert np.isfinite(float(g))
+    loss = lambda p, k, b: losses.edm_loss(k, p, b, denoise=denoise)[0]  # noqa: E731
+    fn = jax.jit(jax.grad(loss))
+    key, batch = jax.random.key(0), {"image": jnp.ones((8, 2, 2, 1))}
+    g = float(fn(0.5, key, batch))
+    # the loss is quadratic in p (same sigma and noise draws): a central difference is exact
+    h = 0.25
+    want = (float(loss(0.5 + h, key, batch)) - float(loss(0.5 - h, key, batch))) / (2 * h)
+    assert g == pytest.approx(want, rel=1e-4) and abs(g) > 1e-3
 
 
 def test_bad_weighting_and_loss():

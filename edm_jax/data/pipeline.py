@@ -120,11 +120,6 @@ class DataPipeline:
         self._next = int(state["next_batch"])
         self._iter = self._make_iter(self._next)
 
-    @property
-    def iterator(self) -> grain.DatasetIterator:
-        """The underlying grain iterator."""
-        return self._iter
-
     def close(self) -> None:
         """Stop worker processes, if any."""
         close = getattr(self._iter, "close", None)
