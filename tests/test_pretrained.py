@@ -351,18 +351,36 @@ def _sample_py():
     return sample
 
 
-def test_sample_py_foreign_checkpoint(tiny, registered, tmp_path, capsys):
-    """sample.py --checkpoint X.pt --family F --classifier C: images; bad family: one line."""
-    sample = _sample_py()
+def test_sample_py_foreign_checkpoint(tiny, registered, tmp_path, capsys, monkeypatch):
+    """sample.py --checkpoint X.pt --family F --classifier C: the files are loaded and sampled;
+    a bad family: one line. The loaded model is swapped for the fixture's equal one so that
+    its compiled program is reused (same sampler settings as test_classifier_guidance...)."""
+    sample, real = _sample_py(), pt.load_pretrained
+    gmodel, gparams, _ = tiny["guided"]
+
+    def load(*args, **kwargs):
+        model, params, config = real(*args, **kwargs)
+        assert (config["family"], config["classifier_family"]) == ("tiny-gd", "tiny-classifier")
+        assert model.scale == gmodel.scale == 5.0 and model.label_dim == 10
+        jax.tree.map(np.testing.assert_array_equal, params, gparams)
+        return gmodel, params, config
+
+    monkeypatch.setattr(pt, "load_pretrained", load)
     out = tmp_path / "out"
     argv = ["--checkpoint", str(tiny["gd"]), "--family", "tiny-gd", "--classifier",
-            str(tiny["cls"]), "--classifier-scale", "2", "--seeds", "0-1", "--steps", "2",
-            "--sampler", "euler", "--outdir", str(out), "--no-progress", "--class", "3"]  # fmt: skip
+            str(tiny["cls"]), "--classifier-scale", "5", "--seeds", "0-1", "--steps", "3",
+            "--sampler", "dpmpp_2m", "--batch", "3", "--outdir", str(out), "--no-progress",
+            "--class", "3"]  # fmt: skip
     assert sample.main(argv) == 0
+    ref = edm_jax.sample(jax.random.key(0), gparams, gmodel, seeds=[0, 1], labels=[3, 3],
+                         sampler="dpmpp_2m", num_steps=3, batch_size=3)  # fmt: skip
     with np.load(out / "samples.npz") as z:
-        assert z["images"].shape == (2, 8, 8, 3) and list(z["labels"]) == [3, 3]
+        np.testing.assert_array_equal(z["images"], edm_jax.api.to_uint8(ref))
+        assert list(z["labels"]) == [3, 3]
     capsys.readouterr()
     assert sample.main([*argv[:3], "tiny-gdd", "--outdir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown family 'tiny-gdd' (did you mean 'tiny-gd'?)")
     assert "\n" not in err
+    assert sample.main([*argv[:4], "--cfg-scale", "2", "--outdir", str(out)]) == 2
+    assert "use --classifier" in capsys.readouterr().err
