@@ -335,6 +335,11 @@ def test_bad_inputs_one_line_each(tiny, files, tmp_path):
                            classifier_family=files["classifier"][1])  # fmt: skip
     with pytest.raises(ValueError, match="is a classifier .* pass it as classifier="):
         pt.load_pretrained(tiny["cls"], TINY_CLS)
+    released = tmp_path / "256x256_diffusion_uncond.pt"  # the family from the released name
+    released.write_bytes(gd.read_bytes())
+    with pytest.raises(ValueError, match=r"guided-diffusion-256-uncond network: first mismatching "
+                       r"key '[^']+' has shape \(\d+,?\d*\), expected \(\d+"):  # fmt: skip
+        pt.load_pretrained(released)  # a tiny model's weights: another size
     cut = tmp_path / "cut.pt"
     cut.write_bytes(gd.read_bytes()[:-100])
     with pytest.raises(ValueError, match="cut.pt") as e:
