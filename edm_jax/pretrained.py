@@ -77,7 +77,7 @@ class Family:
         if self.kind not in KINDS:
             raise ValueError(f"unknown family kind {self.kind!r}; valid: {list(KINDS)}")
         if bool(self.released) == bool(self.arch):
-            raise ValueError(f"family {self.name!r}: give either released or arch, not both")
+            raise ValueError(f"family {self.name!r}: give exactly one of released and arch")
         if self.schedule not in wrappers.GUIDED_DIFFUSION_SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; "
                              f"valid: {list(wrappers.GUIDED_DIFFUSION_SCHEDULES)}")  # fmt: skip

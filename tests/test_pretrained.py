@@ -335,6 +335,16 @@ def test_bad_inputs_one_line_each(tiny, files, tmp_path):
                            classifier_family=files["classifier"][1])  # fmt: skip
     with pytest.raises(ValueError, match="is a classifier .* pass it as classifier="):
         pt.load_pretrained(tiny["cls"], TINY_CLS)
+    with pytest.raises(
+        ValueError, match="holds a guided-diffusion model .'tiny-gd'., not a guided"
+    ):
+        pt.load_pretrained(gd, TINY_GD, classifier=gd, classifier_family=TINY_GD)
+    vd_file = write_safetensors(tmp_path / "vd.safetensors", random_state_dict(_shapes(TINY_VD), 2))
+    with pytest.raises(ValueError, match="a classifier guides guided-diffusion models; 'tiny-vd'"):
+        pt.load_pretrained(vd_file, TINY_VD, classifier=tiny["cls"], classifier_family=TINY_CLS,
+                           clip_embed=np.zeros((1, 512)))  # fmt: skip
+    with pytest.raises(ValueError, match="give exactly one of released and arch"):
+        pt.Family("x", "guided-diffusion")
     released = tmp_path / "256x256_diffusion_uncond.pt"  # the family from the released name
     released.write_bytes(gd.read_bytes())
     with pytest.raises(ValueError, match=r"guided-diffusion-256-uncond network: first mismatching "
