@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--list-samplers", action="store_true",
                    help="print the samplers with their options and defaults, and exit")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    from edm_jax.pretrained import add_arguments  # --family, --classifier, --classifier-scale
+
+    add_arguments(p)
     args = p.parse_args(argv)
     if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
         p.error("one of --workdir, --checkpoint or --reference-npz is required")
@@ -211,7 +214,9 @@ def _main(args: argparse.Namespace) -> int:
     check_numbers(args)
     options = parse_options(args.option)
     api.check_sample_args(args.sampler, args.steps, args.batch, **options)
-    model, params, _ = api.load(args.workdir or args.checkpoint or args.reference_npz)
+    from edm_jax.pretrained import load_for_cli
+
+    model, params, _ = load_for_cli(args, api.load)  # ours, or a foreign --checkpoint file
     class_idx = resolve_class(model, args.class_idx)
     warn_cfg_without_dropout(model, args)
     if args.guide:  # autoguidance / EDM2 CFG: checked against the main model before compute

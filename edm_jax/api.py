@@ -381,8 +381,11 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], n - len(a))])
 
 
-def load(path) -> tuple[Any, Any, dict]:
+def load(path, family=None, **pretrained) -> tuple[Any, Any, dict]:
     """(model, params, config) from a training workdir, one checkpoint, or a reference .npz.
+
+    A guided-diffusion / v-diffusion checkpoint (.pt/.pth/.safetensors, or its converted .npz)
+    loads through ``edm_jax.pretrained.load_pretrained(path, family, **pretrained)``.
 
     A workdir gives its newest committed checkpoint's EMA parameters, read without writing
     to the workdir (safe while training runs); a ``.npz`` holding an NVlabs/edm state_dict
@@ -392,6 +395,10 @@ def load(path) -> tuple[Any, Any, dict]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such workdir, checkpoint or .npz: {path}")
+    from edm_jax import pretrained as pt
+
+    if family is not None or pretrained or pt.is_pretrained_file(path):
+        return pt.load_pretrained(path, family, **pretrained)
     if os.path.isfile(path):
         if not path.endswith(".npz"):
             raise ValueError(

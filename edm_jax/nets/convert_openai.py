@@ -192,9 +192,17 @@ def _strip(state_dict: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarr
     return out
 
 
-def check_state_dict(state_dict: dict[str, np.ndarray], net: nn.Module, family: str = "") -> None:
-    """Raise one ValueError naming the first key (checkpoint order) that does not fit net."""
-    expected = {k: v[2] for k, v in name_map(net).items()}
+def check_state_dict(
+    state_dict: dict[str, np.ndarray],
+    net: nn.Module,
+    family: str = "",
+    expected: dict | None = None,
+) -> None:
+    """Raise one ValueError naming the first key (checkpoint order) that does not fit net.
+
+    expected: {name: shape} the network converts from (default: ``reference_shapes(net)``).
+    """
+    expected = reference_shapes(net) if expected is None else expected
     what = f"{family or type(net).__name__} network"
     extra = [k for k in state_dict if k not in expected]
     missing = [k for k in expected if k not in state_dict]
