@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edm_jax.clip import cli as clip_cli
+
 
 def parse_seeds(text: str) -> list[int]:
     """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10] (as NVlabs/edm generate.py)."""
@@ -71,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--list-samplers", action="store_true",
                    help="print the samplers with their options and defaults, and exit")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    clip_cli.add_arguments(p)
     args = p.parse_args(argv)
     if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
         p.error("one of --workdir, --checkpoint or --reference-npz is required")
@@ -209,6 +212,7 @@ def _main(args: argparse.Namespace) -> int:
         print(list_samplers())
         return 0
     check_numbers(args)
+    clip_cli.check(args)
     options = parse_options(args.option)
     api.check_sample_args(args.sampler, args.steps, args.batch, **options)
     model, params, _ = api.load(args.workdir or args.checkpoint or args.reference_npz)
@@ -220,6 +224,7 @@ def _main(args: argparse.Namespace) -> int:
         guide, guide_params, _ = api.load(args.guide)
         model = GuidedModel(model, guide, args.guidance, args.guidance_interval)
         params = (params, guide_params)
+    model, params = clip_cli.wrap(args, model, params)
     import jax
 
     rng = jax.random.key(0)
