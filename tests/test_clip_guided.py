@@ -176,3 +176,30 @@ def test_prompt_parsing():
         G.parse_prompts("a|")
     with pytest.raises(ValueError, match="sum to 0"):
         G.parse_prompts("a:1|b:-1")
+
+
+def test_fd_clip_metric(fx, tmp_path):
+    """fd_clip through the metrics library: the detector is k-diffusion's CLIP features, and the
+    Fréchet distance of a set to itself is 0 and to another set > 0."""
+    from edm_jax.metrics import detectors, evaluate, refs
+    from edm_jax.nets.reader import write_safetensors
+
+    z, config, params, _ = fx
+    path = tmp_path / "clip.safetensors"
+    write_safetensors(path, convert.to_state_dict(params))
+    det = detectors.load_detector("clip", path)
+    x = nhwc(z["eval_16_x"])
+    np.testing.assert_allclose(
+        det.features(jnp.asarray(x)), z["eval_16_features"], atol=2e-5 * 5.66
+    )
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8) for _ in range(2))
+    b = (b // 2).astype(np.uint8)
+    scorer = evaluate.Scorer(("fd_clip",), {"clip": det}, len(a), 4)
+    refs.save_ref(tmp_path / "ref.npz", evaluate.score_arrays(a, scorer).reference())
+    ref = refs.load_ref(tmp_path / "ref.npz")
+    scorer = evaluate.Scorer(("fd_clip",), {"clip": det}, len(a), 6)
+    same = evaluate.score_arrays(a, scorer).results(ref)["fd_clip"]
+    scorer = evaluate.Scorer(("fd_clip",), {"clip": det}, len(b), 6)
+    other = evaluate.score_arrays(b, scorer).results(ref)["fd_clip"]
+    assert abs(same) < 1e-3 and other > 0.1

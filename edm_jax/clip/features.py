@@ -29,10 +29,12 @@ def eval_resize(images: Array, size: int) -> Array:
 
 def clip_features(params, config: clip_model.CLIPConfig, images: Array) -> np.ndarray:
     """k-diffusion's CLIP features [N, embed_dim] of NHWC images in [-1, 1]."""
-    return np.asarray(_features(config)(params, jnp.asarray(images)))
+    return np.asarray(feature_fn(config)(params, jnp.asarray(images)))
 
 
-def _features(config: clip_model.CLIPConfig):
+def feature_fn(config: clip_model.CLIPConfig):
+    """Jitted (params, NHWC images in [-1, 1]) -> features [N, embed_dim]."""
+
     @jax.jit
     def run(params, images):
         x = clip_model.normalize_images(eval_resize(images, config.image_resolution))
