@@ -153,9 +153,9 @@ def random_detector(name: str, rng: Array, **small_config: Any) -> Detector:
     if name == "clip":
         from edm_jax.clip import model as clip_model
 
-        config = clip_model.CLIPConfig.openai(**small_config)
-        shapes = clip_model.param_shapes(config)
-        return clip_detector(_random_params(rng, shapes), config)
+        clip_config = clip_model.CLIPConfig.openai(**small_config)
+        shapes = clip_model.param_shapes(clip_config)
+        return clip_detector(_random_params(rng, shapes), clip_config)
     if name == "inception":
         config = {"width": 1 / 16, **small_config}
     else:
