@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edm_jax.clip import cli as clip_cli
+
 
 def parse_seeds(text: str) -> list[int]:
     """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10] (as NVlabs/edm generate.py)."""
@@ -74,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from edm_jax.pretrained import add_arguments  # --family, --classifier, --classifier-scale
 
     add_arguments(p)
+    clip_cli.add_arguments(p)
     args = p.parse_args(argv)
     if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
         p.error("one of --workdir, --checkpoint or --reference-npz is required")
@@ -212,6 +215,7 @@ def _main(args: argparse.Namespace) -> int:
         print(list_samplers())
         return 0
     check_numbers(args)
+    clip_cli.check(args)
     options = parse_options(args.option)
     api.check_sample_args(args.sampler, args.steps, args.batch, **options)
     from edm_jax.pretrained import load_for_cli
@@ -225,6 +229,7 @@ def _main(args: argparse.Namespace) -> int:
         guide, guide_params, _ = api.load(args.guide)
         model = GuidedModel(model, guide, args.guidance, args.guidance_interval)
         params = (params, guide_params)
+    model, params = clip_cli.wrap(args, model, params)
     import jax
 
     rng = jax.random.key(0)
