@@ -298,7 +298,8 @@ def test_eval_config_errors_before_any_compile(tmp_path, fake_weights):
             _eval_config(tmp_path, weights=weights, ref=str(tmp_path / "r.npz"))
         )
     with pytest.raises(
-        ValueError, match=r"unknown metric 'fdd'; valid: \['fd_dinov2', 'fid', 'is', 'kid'\]"
+        ValueError,
+        match=r"unknown metric 'fdd'; valid: \['fd_clip', 'fd_dinov2', 'fid', 'is', 'kid'\]",
     ):
         evaluate.check_eval_config(_eval_config(tmp_path, metrics=("fdd",)))
     with pytest.raises(ValueError, match="config.eval.num must be an int >= 2"):
