@@ -115,3 +115,39 @@ def test_adamw_groups_match_torch_formula():
             ref[name] = ref[name] - lr / (1 - 0.9 ** (k + 1)) * m[name] / denom
     for name in ref:
         np.testing.assert_allclose(params[name], ref[name], rtol=1e-6)
+
+
+def _nhwc(a):
+    return jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+
+
+def test_denoiser_losses(fixtures_dir):
+    """Denoiser / SimpleLossDenoiser / DenoiserWithVariance losses from the stored pieces."""
+    z = np.load(fixtures_dir / "kdiff_losses.npz")
+    out, target, sigma = (
+        _nhwc(z["hdit/model_output"]),
+        _nhwc(z["hdit/target"]),
+        jnp.asarray(z["hdit/sigma"]),
+    )
+    for weighting in ("karras", "soft-min-snr", "snr"):
+        w = R.f_space_weight(weighting, sigma, 0.5)
+        np.testing.assert_allclose(w, z[f"hdit/weight/{weighting}"], rtol=1e-6)
+        for scales in (1, 0, 2, 3):
+            loss = R.denoiser_loss(out, target, sigma, weighting=weighting, scales=scales)
+            np.testing.assert_allclose(
+                loss, z[f"hdit/karras/{weighting}/scales{scales}/loss"], rtol=1e-5
+            )
+    for scales in (0, 2, 3):
+        np.testing.assert_allclose(
+            R.freq_weight(32, 32, scales), z[f"freq_weight/32x32/scales{scales}"], rtol=1e-6
+        )
+    x0, noise = _nhwc(z["hdit/x0"]), _nhwc(z["hdit/noise"])
+    noised = x0 + noise * sigma[:, None, None, None]
+    simple = R.simple_loss(noised, _nhwc(z["hdit/simple/denoised"]), noise, sigma)
+    np.testing.assert_allclose(simple, z["hdit/simple/loss"], rtol=1e-5)
+    var = R.variance_loss(
+        _nhwc(z["image_v1/model_output"]),
+        _nhwc(z["image_v1/target"]),
+        jnp.asarray(z["image_v1/logvar"]),
+    )
+    np.testing.assert_allclose(var, z["image_v1/variance/loss"], rtol=1e-5)

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from edm_jax import losses
 from edm_jax.nets.convert_kdiff import torch_name
+from edm_jax.schedules import float_dtype
 
 Array = jax.Array
 
@@ -74,7 +76,7 @@ def lr_factor(step: Array | int, kind: str, lr: float, *, warmup: float = 0.0, i
     """The learning rate optimiser step ``step`` uses (k-diffusion's scheduler, closed form)."""
     if kind not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {kind!r}; valid: {', '.join(LR_SCHEDULES)}")
-    k = jnp.asarray(step, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    k = jnp.asarray(step, float_dtype())
     ramp = 1 - warmup ** (k + 1)
     if kind == "inverse":
         return ramp * jnp.maximum(min_lr, lr * (1 + k / inv_gamma) ** -power)
@@ -168,3 +170,52 @@ def gns_sq_norms(local_grads: Any) -> tuple[Array, Array]:
     leaves = [g.reshape(g.shape[0], -1) for g in jax.tree.leaves(local_grads)]
     flat = jnp.concatenate(leaves, axis=1).astype(jnp.float32)
     return jnp.mean(jnp.sum(flat**2, axis=1)), jnp.sum(jnp.mean(flat, axis=0) ** 2)
+
+
+# --------------------------------------------------------------------------- Denoiser losses
+
+
+def freq_weight(height: int, width: int, scales: float = 0) -> Array:
+    """k-diffusion's ``freq_weight_nd``: min over axes of -log2(linspace(0.5/n, 0.5, n)), each
+    clamped at ``scales`` when scales >= 1."""
+
+    def ramp(n):
+        w = -jnp.log2(jnp.linspace(0.5 / n, 0.5, n, dtype=jnp.float32))
+        return jnp.minimum(w, scales) if scales >= 1 else w
+
+    return jnp.minimum(ramp(height)[:, None], ramp(width)[None, :])
+
+
+def f_space_weight(weighting: str, sigma: Array, sigma_data: float) -> Array:
+    """k-diffusion's w(sigma) on |F - target|^2: our D-space lambda(sigma) times c_out^2."""
+    c_out_sq = (sigma * sigma_data) ** 2 / (sigma**2 + sigma_data**2)
+    return losses.weight(weighting, sigma, sigma_data) * c_out_sq
+
+
+def denoiser_loss(model_output: Array, target: Array, sigma: Array, *, weighting: str = "karras",
+                  scales: float = 1, sigma_data: float = 0.5) -> Array:  # fmt: skip
+    """``K.layers.Denoiser.loss`` [B] from the raw output F and its target (NHWC): the mean
+    squared error, through an orthonormal DCT-II over H, W with frequency weights when
+    ``scales`` != 1, times w(sigma)."""
+    err = (model_output - target).astype(jnp.float32)
+    if scales != 1:
+        err = jax.scipy.fft.dctn(err, type=2, axes=(1, 2), norm="ortho")
+        sq = jnp.square(err) * freq_weight(err.shape[1], err.shape[2], scales)[None, :, :, None]
+    else:
+        sq = jnp.square(err)
+    return jnp.mean(sq.reshape(sq.shape[0], -1), axis=1) * f_space_weight(
+        weighting, sigma, sigma_data
+    )
+
+
+def simple_loss(noised: Array, denoised: Array, noise: Array, sigma: Array) -> Array:
+    """``SimpleLossDenoiser.loss`` [B]: mean(((noised - D) / sigma - noise)^2)."""
+    eps = (noised - denoised) / sigma.reshape(-1, *([1] * (noised.ndim - 1)))
+    return jnp.mean(jnp.square(eps - noise).reshape(noise.shape[0], -1), axis=1)
+
+
+def variance_loss(model_output: Array, target: Array, logvar: Array) -> Array:
+    """``DenoiserWithVariance.loss`` [B]: mean(((F - target)^2 / exp(logvar) + logvar) / 2)."""
+    lv = logvar.reshape(-1, *([1] * (target.ndim - 1)))
+    per = (jnp.square(model_output - target) / jnp.exp(lv) + lv) / 2
+    return jnp.mean(per.reshape(per.shape[0], -1), axis=1)
