@@ -1,0 +1,153 @@
+"""k-diffusion's training recipe against ../shared/fixtures/kdiff_training.json: parameter
+groups, lr schedules, EMA warmup, class dropout, stratified draws and the gradient noise scale."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edm_jax.train import kdiff_recipe as R
+
+TYPES = {
+    "hdit": "image_transformer_v2",
+    "image_v1": "image_v1",
+    "image_transformer_v1": "image_transformer_v1",
+}
+
+
+@pytest.fixture(scope="module")
+def fx(fixtures_dir):
+    return json.loads((fixtures_dir / "kdiff_training.json").read_text())
+
+
+@pytest.mark.parametrize("model", list(TYPES))
+def test_param_groups(fx, model):
+    ref = fx["param_groups"]["models"][model]
+    kind = TYPES[model]
+    got = [(name, R.param_group(kind, name)) for name in ref["name_to_group"]]
+    assert got == list(ref["name_to_group"].items())
+    opt = dict(ref["optimizer"])
+    settings = R.group_settings(kind, opt["lr"], opt["weight_decay"])
+    assert settings == [(g["lr"], g["weight_decay"]) for g in ref["groups"]]
+
+
+def test_lr_schedules(fx, x64):
+    for case in fx["lr_schedules"]["cases"]:
+        base = case["base_lrs"]
+        for k, used in enumerate(case["lr_used"]):
+            for lr, want in zip(base, used, strict=True):
+                got = float(R.lr_factor(k, case["type"], lr, **case["kwargs"]))
+                assert got == pytest.approx(want, rel=1e-12, abs=1e-18), (case["type"], k)
+    with pytest.raises(
+        ValueError, match="unknown lr schedule 'cosine'; valid: inverse, exponential, constant"
+    ):
+        R.lr_factor(0, "cosine", 1e-3)
+
+
+def test_ema_warmup(fx, x64):
+    for case in fx["ema_warmup"]["cases"]:
+        values = [float(R.ema_decay(k, **case["kwargs"])) for k in range(len(case["values"]))]
+        np.testing.assert_allclose(values, case["values"], rtol=1e-12, atol=1e-15)
+        for step, want in case.get("values_at_last_epoch", {}).items():
+            assert float(R.ema_decay(int(step), **case["kwargs"])) == pytest.approx(want, rel=1e-12)
+
+
+def test_class_dropout_and_stratified(fx):
+    c = fx["class_cond_dropout"]
+    got = R.class_cond_dropout(
+        jnp.asarray(c["labels"]), jnp.asarray(c["drop_u"]), c["cond_dropout_rate"], c["num_classes"]
+    )
+    assert got.tolist() == c["class_cond"]
+    for case in fx["stratified_uniform"]:
+        out = R.stratified_uniform(
+            jnp.asarray(case["u"], jnp.float32), case["group"], case["groups"]
+        )
+        np.testing.assert_allclose(out, case["out"], rtol=1e-6)
+
+
+def test_gradient_noise_scale(fx):
+    g = fx["gns"]
+    for beta, refs in g["estimator"].items():
+        gns = R.GradientNoiseScale(float(beta))
+        for step, ref in zip(g["steps"], refs, strict=True):
+            small, large = R.gns_sq_norms(jnp.asarray(step["local_grads"]))
+            assert float(small) == pytest.approx(step["sq_norm_small_batch"], rel=1e-5)
+            assert float(large) == pytest.approx(step["sq_norm_large_batch"], rel=1e-5)
+            gns.update(
+                step["sq_norm_small_batch"],
+                step["sq_norm_large_batch"],
+                g["n_small_batch"],
+                g["n_large_batch"],
+            )
+            assert gns.gradient_noise_scale == pytest.approx(ref["gns"], rel=1e-12)
+            assert gns.get_stats() == pytest.approx(tuple(ref["get_stats"]), rel=1e-12)
+
+
+def test_adamw_groups_match_torch_formula():
+    """Two steps of the grouped AdamW against torch's AdamW written out in NumPy (float64)."""
+    params = {"a": jnp.asarray([1.0, -2.0]), "b": jnp.asarray([0.5])}
+    groups = {"a": 0, "b": 3}
+    settings = [(1e-2, 0.1), (1e-2, 0.0), (1e-2 / 3, 0.1), (1e-2 / 3, 0.0)]
+    opt = R.adamw(lambda k: 1e-2 * (1 - 0.5 ** (k + 1)), groups, settings, 1e-2, betas=(0.9, 0.95))
+    state = opt.init(params)
+    grads = [
+        {"a": jnp.asarray([0.3, -0.1]), "b": jnp.asarray([2.0])},
+        {"a": jnp.asarray([-0.2, 0.4]), "b": jnp.asarray([1.0])},
+    ]
+    ref = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: 0 * v for k, v in ref.items()}
+    v2 = {k: 0 * v for k, v in ref.items()}
+    for k, g in enumerate(grads):
+        updates, state = opt.update(g, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        for name in ref:
+            lr_g, wd = settings[groups[name]]
+            lr = lr_g * (1 - 0.5 ** (k + 1))
+            gg = np.asarray(g[name], np.float64)
+            ref[name] = ref[name] * (1 - lr * wd)
+            m[name] = 0.9 * m[name] + 0.1 * gg
+            v2[name] = 0.95 * v2[name] + 0.05 * gg**2
+            denom = np.sqrt(v2[name] / (1 - 0.95 ** (k + 1))) + 1e-8
+            ref[name] = ref[name] - lr / (1 - 0.9 ** (k + 1)) * m[name] / denom
+    for name in ref:
+        np.testing.assert_allclose(params[name], ref[name], rtol=1e-6)
+
+
+def _nhwc(a):
+    return jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+
+
+def test_denoiser_losses(fixtures_dir):
+    """Denoiser / SimpleLossDenoiser / DenoiserWithVariance losses from the stored pieces."""
+    z = np.load(fixtures_dir / "kdiff_losses.npz")
+    out, target, sigma = (
+        _nhwc(z["hdit/model_output"]),
+        _nhwc(z["hdit/target"]),
+        jnp.asarray(z["hdit/sigma"]),
+    )
+    for weighting in ("karras", "soft-min-snr", "snr"):
+        w = R.f_space_weight(weighting, sigma, 0.5)
+        np.testing.assert_allclose(w, z[f"hdit/weight/{weighting}"], rtol=1e-6)
+        for scales in (1, 0, 2, 3):
+            loss = R.denoiser_loss(out, target, sigma, weighting=weighting, scales=scales)
+            np.testing.assert_allclose(
+                loss, z[f"hdit/karras/{weighting}/scales{scales}/loss"], rtol=1e-5
+            )
+    for scales in (0, 2, 3):
+        np.testing.assert_allclose(
+            R.freq_weight(32, 32, scales), z[f"freq_weight/32x32/scales{scales}"], rtol=1e-6
+        )
+    x0, noise = _nhwc(z["hdit/x0"]), _nhwc(z["hdit/noise"])
+    noised = x0 + noise * sigma[:, None, None, None]
+    simple = R.simple_loss(noised, _nhwc(z["hdit/simple/denoised"]), noise, sigma)
+    np.testing.assert_allclose(simple, z["hdit/simple/loss"], rtol=1e-5)
+    var = R.variance_loss(
+        _nhwc(z["image_v1/model_output"]),
+        _nhwc(z["image_v1/target"]),
+        jnp.asarray(z["image_v1/logvar"]),
+    )
+    np.testing.assert_allclose(var, z["image_v1/variance/loss"], rtol=1e-5)
