@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from edm_jax import losses
 from edm_jax.nets.convert_kdiff import torch_name
+from edm_jax.nets.model import is_buffer
 from edm_jax.schedules import float_dtype
 
 Array = jax.Array
@@ -219,3 +220,72 @@ def variance_loss(model_output: Array, target: Array, logvar: Array) -> Array:
     lv = logvar.reshape(-1, *([1] * (target.ndim - 1)))
     per = (jnp.square(model_output - target) / jnp.exp(lv) + lv) / 2
     return jnp.mean(per.reshape(per.shape[0], -1), axis=1)
+
+
+# --------------------------------------------------------------------------- the train step
+
+
+def _zero_buffers(tree: Any) -> Any:
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict(
+        {k: jnp.zeros_like(v) if is_buffer(k) else v for k, v in flat.items()}
+    )
+
+
+def lerp(start: Array, end: Array, weight) -> Array:
+    """torch.lerp: start + w (end - start) for w < 0.5, else end - (1 - w)(end - start) (exact
+    at w = 1: the EMA equals the params after EMAWarmup's first, zero-decay update)."""
+    return jnp.where(
+        weight < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight)
+    )
+
+
+def make_optimizer(config: dict, params: Any, prefix: str = "") -> optax.GradientTransformation:
+    """AdamW over the model's parameter groups with the config's lr schedule (k-diffusion)."""
+    o, kind = config["optimizer"], config["model"]["type"]
+    if o.get("type", "adamw") != "adamw":
+        raise ValueError(f"optimizer type {o.get('type')!r} is not supported; valid: adamw")
+    settings = group_settings(kind, o["lr"], o.get("weight_decay", 0.0))
+    groups = group_tree(params, kind, prefix)
+    schedule = lr_schedule(config.get("lr_sched", {"type": "constant"}), o["lr"])
+    return adamw(schedule, groups, settings, o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
+                 eps=o.get("eps", 1e-8))  # fmt: skip
+
+
+def make_train_step(net: Any, config: dict, optimizer: optax.GradientTransformation) -> Callable:
+    """step(params, opt_state, ema, reals, noise, sigma, ema_decay, **cond) -> (params, opt_state,
+    ema, losses [B], grad_norm): train.py's body for one process (mean loss, clip_grad_norm 1.0,
+    AdamW step, EMA lerp; buffers neither trained nor averaged, copied)."""
+    m = config["model"]
+    sd = m.get("sigma_data", 1.0)
+    weighting, scales = m.get("loss_weighting", "karras"), m.get("loss_scales", 1)
+
+    def losses_fn(params, reals, noise, sigma, cond):
+        s = sigma.reshape(-1, *([1] * (reals.ndim - 1)))
+        c_skip, c_out, c_in = (
+            sd**2 / (s**2 + sd**2),
+            s * sd / jnp.sqrt(s**2 + sd**2),
+            1 / jnp.sqrt(s**2 + sd**2),
+        )
+        noised = reals + noise * s
+        out = net.apply({"params": params}, noised * c_in, jnp.log(sigma) / 4, **cond, train=True)
+        target = (reals - c_skip * noised) / c_out
+        losses = denoiser_loss(
+            out, target, sigma, weighting=weighting, scales=scales, sigma_data=sd
+        )
+        return jnp.mean(losses), losses
+
+    def step(params, opt_state, ema, reals, noise, sigma, ema_decay, **cond):
+        grads, losses = jax.grad(losses_fn, has_aux=True)(params, reals, noise, sigma, cond)
+        grads = _zero_buffers(grads)
+        norm = optax.tree.norm(grads)
+        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new = optax.apply_updates(params, _zero_buffers(updates))
+        flat_ema, flat_new = traverse_util.flatten_dict(ema), traverse_util.flatten_dict(new)
+        ema = traverse_util.unflatten_dict({
+            k: v if is_buffer(k) else lerp(flat_ema[k], v, 1 - ema_decay) for k, v in flat_new.items()
+        })  # fmt: skip
+        return new, opt_state, ema, losses, norm
+
+    return step
