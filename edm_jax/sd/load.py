@@ -24,7 +24,7 @@ from edm_jax.sd import checkpoint as ck
 from edm_jax.sd import text as sd_text
 from edm_jax.sd.pipeline import PREDICTIONS, StableDiffusion
 
-__all__ = ["is_sd_checkpoint", "load_pipeline"]
+__all__ = ["convert_unet", "convert_vae", "describe", "is_sd_checkpoint", "load_pipeline"]
 
 SD_SUFFIXES = (".ckpt", ".safetensors")
 _CACHE_VERSION = 1
@@ -46,19 +46,26 @@ def _prediction(prediction: str | None, config: Any, variant: str, path: str) ->
     return "v" if variant == "sd2" and "768" in os.path.basename(path) else "eps"
 
 
-def _convert(parts: ck.SDParts, config: Any, ema: bool) -> tuple[dict, dict]:
-    """(configs, params) of every network of a split checkpoint (float32 numpy leaves)."""
+def convert_unet(parts: ck.SDParts, config: Any = None, ema: bool = False) -> tuple[dict, dict]:
+    """(ldm_unet kwargs, Flax params) of a split checkpoint's U-Net (or its EMA copy)."""
     unet_cfg = ck.infer_unet_config(parts.unet, parts.variant)
     if config is not None:
         unet_cfg = ck.check_unet_config(config, unet_cfg, parts.variant)
     net = ldm_unet.ldm_unet(**unet_cfg)
-    if ema:
-        unet_sd = convert_openai.sd_ema_state_dict(parts.ema, net)
-    else:
-        unet_sd = parts.unet
-    unet_params = convert_openai.from_openai_state_dict(unet_sd, net, family=parts.variant)
-    vae_cfg = ck.infer_vae_config(parts.vae)
-    vae_params = vae.from_state_dict(vae.build_vae(vae_cfg), ck.compvis_vae_state_dict(parts.vae))
+    unet_sd = convert_openai.sd_ema_state_dict(parts.ema, net) if ema else parts.unet
+    return unet_cfg, convert_openai.from_openai_state_dict(unet_sd, net, family=parts.variant)
+
+
+def convert_vae(parts: ck.SDParts, **overrides: Any) -> tuple[vae.VAEConfig, dict]:
+    """(VAEConfig, Flax params) of a split checkpoint's CompVis VAE (overrides: config fields)."""
+    cfg = dataclasses.replace(ck.infer_vae_config(parts.vae), **overrides)
+    return cfg, vae.from_state_dict(vae.build_vae(cfg), ck.compvis_vae_state_dict(parts.vae))
+
+
+def _convert(parts: ck.SDParts, config: Any, ema: bool) -> tuple[dict, dict]:
+    """(configs, params) of every network of a split checkpoint (float32 numpy leaves)."""
+    unet_cfg, unet_params = convert_unet(parts, config, ema)
+    vae_cfg, vae_params = convert_vae(parts)
     text_cfg, text_params = sd_text.convert_text_encoder(parts.variant, parts.text)
     configs = dict(unet=unet_cfg, vae=dataclasses.asdict(vae_cfg), text=text_cfg)
     params = dict(unet=unet_params, vae=vae_params, text=text_params)

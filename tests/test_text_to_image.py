@@ -1,0 +1,303 @@
+"""Stable Diffusion text-to-image: single-file loader, guided denoiser, text_to_image, sample.py.
+
+Tiny checkpoints are written by the tests in the released layout (.safetensors with the
+'model.diffusion_model.' / 'first_stage_model.' / 'cond_stage_model.' prefixes), from the
+fixture-sized U-Nets of foreign_sd1/sd2.npz and the small VAE of vae_kl.npz.
+"""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edm_jax import api
+from edm_jax.nets import convert_openai as co
+from edm_jax.nets import ldm_unet as lu
+from edm_jax.nets import reader
+from edm_jax.nets import vae as vae_lib
+from edm_jax.sd import checkpoint as ck
+from edm_jax.sd import generate, load, pipeline
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SIZE = (32, 48)  # pixels; latents 8 x 12 with the 3-level (x4) fixture VAE
+
+
+def fast_jit(fn, *args):
+    """fn(*args) through a jit compiled without LLVM's expensive passes (same values)."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def maxrel(a, ref) -> float:
+    """max|a - ref| / max|ref| (the fixtures README's measure)."""
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def unet_fixture(fixtures_dir, case: str) -> tuple[dict, dict, dict]:
+    """(arrays, unet kwargs, state_dict) of foreign_<case>.npz."""
+    with np.load(fixtures_dir / f"foreign_{case}.npz") as d:
+        arrays = {k: d[k] for k in d.files}
+    kw = dict(json.loads(str(arrays.pop("config_json")))["unet_kwargs"])
+    for key in ("attention_resolutions", "channel_mult"):
+        kw[key] = tuple(kw[key])
+    sd = {k[len("param/") :]: arrays.pop(k) for k in list(arrays) if k.startswith("param/")}
+    return arrays, kw, sd
+
+
+# diffusers VAE names -> CompVis names, written out independently of edm_jax.sd.checkpoint.
+_TO_COMPVIS = [
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"mid_block\.resnets\.0\.", "mid.block_1."),
+    (r"mid_block\.resnets\.1\.", "mid.block_2."),
+    (r"mid_block\.attentions\.0\.group_norm\.", "mid.attn_1.norm."),
+    (r"mid_block\.attentions\.0\.to_out\.0\.", "mid.attn_1.proj_out."),
+    (r"mid_block\.attentions\.0\.to_([qkv])\.", r"mid.attn_1.\1."),
+    (r"conv_norm_out\.", "norm_out."),
+    (r"conv_shortcut\.", "nin_shortcut."),
+]
+
+
+def compvis_vae(diffusers_sd: dict, levels: int) -> dict:
+    """A diffusers VAE state_dict in CompVis names (decoder levels reversed, attention as 1x1 convs)."""
+    out = {}
+    for name, v in diffusers_sd.items():
+        m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)", name)
+        if m:
+            i, kind, j, rest = levels - 1 - int(m[1]), m[2], m[3], m[4]
+            name = f"decoder.up.{i}.block.{j}.{rest}" if kind == "resnets" else f"decoder.up.{i}.upsample.{rest}"
+        for pattern, repl in _TO_COMPVIS:
+            name = re.sub(pattern, repl, name)
+        if ".attn_1." in name and name.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[name] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_ref(fixtures_dir):
+    """vae_kl.npz as a dict."""
+    with np.load(fixtures_dir / "vae_kl.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def vae_part(vae_ref) -> dict:
+    """The fixture VAE in CompVis names (first_stage_model. stripped)."""
+    sd = {k[len("param/") :]: v for k, v in vae_ref.items() if k.startswith("param/")}
+    return compvis_vae(sd, levels=3)
+
+
+def fake_text_part(variant: str, width: int) -> dict:
+    """A few cond_stage_model tensors in the variant's layout (names only matter here)."""
+    prefix = "transformer.text_model.embeddings." if variant == "sd1" else "model."
+    return {prefix + "token_embedding.weight": np.zeros((10, width), np.float32)}
+
+
+def write_sd_file(path, unet_sd, vae_sd, text_sd, ema_scale=None):
+    """A released-layout single file (+ model_ema. copy of the U-Net times ema_scale)."""
+    tensors = {co.SD_UNET_PREFIX + k: v for k, v in unet_sd.items()}
+    tensors |= {ck.VAE_PREFIX + k: v for k, v in vae_sd.items()}
+    tensors |= {ck.TEXT_PREFIX + k: v for k, v in text_sd.items()}
+    if ema_scale is not None:
+        for k, v in unet_sd.items():
+            tensors["model_ema." + f"diffusion_model.{k}".replace(".", "")] = v * ema_scale
+    reader.write_safetensors(path, tensors)
+    return path
+
+
+# ---- loader pieces (no text encoder needed)
+
+
+def test_compvis_vae_names_decode_parity(vae_ref):
+    """CompVis VAE names -> diffusers names -> our VAE: decode(z) equals the fixture."""
+    part = vae_part(vae_ref)
+    assert "encoder.down.0.block.0.conv1.weight" in part and "decoder.up.2.upsample.conv.weight" in part
+    parts = ck.SDParts({}, part, {}, {}, "sd1")
+    cfg, params = load.convert_vae(parts, norm_num_groups=8)  # CompVis files use 32; fixture 8
+    assert cfg.block_out_channels == (32, 64, 64) and cfg.layers_per_block == 2
+    assert cfg.latent_channels == 4 and cfg.scaling_factor == 0.18215
+    z = jnp.asarray(vae_ref["z"].transpose(0, 2, 3, 1))
+    out = vae_lib.build_vae(cfg).apply({"params": params}, z, method="decode")
+    assert maxrel(np.asarray(out).transpose(0, 3, 1, 2), vae_ref["dec_z"]) <= 1e-4
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def sd_file(request, fixtures_dir, vae_ref, tmp_path_factory):
+    """(case, arrays, unet kwargs, state_dict, path) of a tiny single file per SD version."""
+    case = request.param
+    arrays, kw, sd = unet_fixture(fixtures_dir, case)
+    path = tmp_path_factory.mktemp(case) / f"tiny-{case}.safetensors"
+    write_sd_file(path, sd, vae_part(vae_ref), fake_text_part(case, kw["context_dim"]), 0.5)
+    return case, arrays, kw, sd, path
+
+
+def test_split_infer_and_unet_parity(sd_file):
+    """Split by prefix, version and shapes inferred; the loaded U-Net reproduces the fixture."""
+    case, arrays, kw, sd, path = sd_file
+    parts = ck.split_checkpoint(reader.read_state_dict(path), str(path))
+    assert parts.variant == case and set(parts.unet) == set(sd)
+    inferred = ck.infer_unet_config(parts.unet, case)
+    heads = ("num_heads", "num_head_channels")
+    for key in set(kw) - {"use_checkpoint", "use_fp16", "legacy", "use_spatial_transformer", *heads}:
+        assert inferred[key] == kw.get(key, False), key
+    fixture_cfg = {k: v for k, v in kw.items() if k != "use_spatial_transformer"}
+    cfg, params = load.convert_unet(parts, fixture_cfg)  # the fixture's head count
+    net = lu.ldm_unet(**cfg)
+    x = jnp.asarray(arrays["x"].transpose(0, 2, 3, 1))
+    out = fast_jit(net.apply, {"params": params}, x, jnp.asarray(arrays["t"]), jnp.asarray(arrays["context"]))
+    assert maxrel(np.asarray(out).transpose(0, 3, 1, 2), arrays["out"]) <= 3e-5
+    # the wrapped denoiser (CompVisDenoiser / CompVisVDenoiser) at several sigmas
+    pipe = stand_in_pipe(net, "eps" if case == "sd1" else "v", case)
+    d = fast_jit(lambda p, x, s, c: pipe.denoiser(p)(x, s, labels=c), params,
+                 jnp.asarray(arrays["den_x"].transpose(0, 2, 3, 1)), jnp.asarray(arrays["den_sigma"]),
+                 jnp.asarray(arrays["den_context"]))  # fmt: skip
+    assert maxrel(np.asarray(d).transpose(0, 3, 1, 2), arrays["den_out"]) <= 3e-5
+    np.testing.assert_allclose(pipe.sigma_min, arrays["kd_sigmas"][0], rtol=1e-6)
+    np.testing.assert_allclose(pipe.sigma_max, arrays["kd_sigmas"][-1], rtol=1e-6)
+    _, ema = load.convert_unet(parts, fixture_cfg, ema=True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 0.5 * b, rtol=1e-6), ema, params)
+
+
+def test_other_version_config_and_non_sd_file(sd_file, tmp_path):
+    """An SD 2 file with the SD 1 config (and back), a file without a U-Net: one line each."""
+    case, _, _, _, path = sd_file
+    parts = ck.split_checkpoint(reader.read_state_dict(path), str(path))
+    wrong = "sd15" if case == "sd2" else "sd21_v"
+    with pytest.raises(ValueError, match=f"the checkpoint is {case.upper()} .* use config"):
+        load.convert_unet(parts, wrong)
+    with pytest.raises(ValueError, match=r"unknown Stable Diffusion config 'sd16' \(did you mean 'sd15'\?\)"):
+        load.convert_unet(parts, "sd16")
+    other = reader.write_safetensors(tmp_path / "vae.safetensors", {"encoder.conv_in.weight": np.zeros((2, 3, 3, 3), np.float32)})  # fmt: skip
+    with pytest.raises(ValueError, match="is not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys"):
+        load.load_pipeline(other)
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model.pt: an SD checkpoint is a .ckpt or .safetensors"):
+        load.load_pipeline(tmp_path / "model.pt")
+
+
+# ---- the pipeline maths, with a stand-in text encoder (an embedding table)
+
+
+def _stand_in_tokenize(prompts):
+    """Bytes of each prompt mod 64 as ids [N, 7] (0-padded); a stand-in for CLIP's BPE."""
+    out = np.zeros((len(prompts), 7), np.int32)
+    for i, p in enumerate(prompts):
+        ids = [b % 63 + 1 for b in p.encode()][:7]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def stand_in_pipe(net, prediction="eps", variant="sd1", vae=None) -> pipeline.StableDiffusion:
+    """A pipeline whose text encoder is a lookup table (params['text'] [64, context_dim])."""
+    te = pipeline.TextEncoder(_stand_in_tokenize, lambda p, ids: p[ids], net.context_dim, 7)
+    vae = vae or vae_lib.build_vae(vae_lib.VAEConfig(block_out_channels=(32, 64, 64), norm_num_groups=8))
+    return pipeline.StableDiffusion(net, vae, te, prediction, variant)
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir, vae_ref):
+    """(pipe, params) of the sd1 fixture U-Net, the fixture VAE and a random embedding table."""
+    _, kw, sd = unet_fixture(fixtures_dir, "sd1")
+    net = lu.ldm_unet(**kw)
+    parts = ck.SDParts({}, vae_part(vae_ref), {}, {}, "sd1")
+    vae_cfg, vae_params = load.convert_vae(parts, norm_num_groups=8)
+    pipe = stand_in_pipe(net, vae=vae_lib.build_vae(vae_cfg))
+    table = jax.random.normal(jax.random.key(1), (64, net.context_dim))
+    return pipe, {"unet": co.from_openai_state_dict(sd, net), "vae": vae_params, "text": table}
+
+
+def t2i(tiny, prompts="a red cube", negative="", **kw):
+    """text_to_image on the tiny pipeline at SIZE, 3 steps by default."""
+    pipe, params = tiny
+    kw = dict(dict(steps=3, seeds=[0, 1], height=SIZE[0], width=SIZE[1], batch_size=3), **kw)
+    return generate.text_to_image(jax.random.key(0), pipe, params, prompts, negative, **kw)
+
+
+def test_cfg_is_one_batched_call_of_the_two_call_maths(tiny):
+    """guided D = D_u + s (D_c - D_u), the U-Net traced once (on the doubled batch)."""
+    pipe, params = tiny
+    ctx = jnp.asarray(pipe.encode_prompts(params["text"], ["a cat", "blurry"]))
+    x = jax.random.normal(jax.random.key(2), (2, 8, 12, 4)) * 3.0
+    sigma = jnp.array([3.0, 0.5])
+    cond, uncond = jnp.broadcast_to(ctx[:1], (2, 7, 48)), jnp.broadcast_to(ctx[1:], (2, 7, 48))
+    guided = pipe.guided(params["unet"], cond, uncond, 7.5)
+    den = pipe.denoiser(params["unet"])
+
+    def both(x, sigma):
+        return guided(x, sigma), den(x, sigma, labels=cond), den(x, sigma, labels=uncond)
+
+    out, d_c, d_u = fast_jit(both, x, sigma)
+    ref = d_u + 7.5 * (d_c - d_u)  # 7.5x amplifies float32 noise of the two batch shapes
+    assert float(jnp.abs(out - ref).max()) <= 1e-5 * float(jnp.abs(ref).max())
+
+    def n_convs(f):
+        return str(jax.make_jaxpr(f)(x, sigma)).count("conv_general_dilated")
+
+    assert n_convs(guided) == n_convs(lambda x, s: den(x, s, labels=cond)) > 0
+
+
+def test_two_samplers_two_schedules_deterministic(tiny):
+    """dpmpp_2m / euler_ancestral x karras / leading: uint8 images, same again, all differ."""
+    seen = []
+    for sampler in ("dpmpp_2m", "euler_ancestral"):
+        for schedule in ("karras", "leading"):
+            img = t2i(tiny, sampler=sampler, schedule=schedule)
+            assert img.shape == (2, *SIZE, 3) and img.dtype == np.uint8 and img.std() > 1
+            seen.append(img)
+    np.testing.assert_array_equal(t2i(tiny, sampler="euler_ancestral", schedule="leading"), seen[-1])
+    for i in range(4):
+        for j in range(i):
+            assert np.abs(seen[i].astype(int) - seen[j]).max() > 0
+
+
+def test_batch_invariant_prompts_and_negative_prompt_matter(tiny):
+    """A seed's image is the same in any batch; another prompt or negative prompt changes it."""
+    both = t2i(tiny, seeds=[0, 5, 7], batch_size=3)
+    alone = t2i(tiny, seeds=[7], batch_size=3)
+    assert np.abs(both[2].astype(int) - alone[0]).max() <= 1
+    other = t2i(tiny, "a blue sphere", seeds=[0, 5, 7], batch_size=3)
+    neg = t2i(tiny, negative="low quality", seeds=[0, 5, 7], batch_size=3)
+    for changed in (other, neg):
+        assert np.abs(changed.astype(int) - both).mean() > 1
+    per_seed = t2i(tiny, ["a red cube", "a blue sphere", "a red cube"], seeds=[0, 5, 7], batch_size=3)
+    assert np.abs(per_seed[[0, 2]].astype(int) - both[[0, 2]]).max() <= 1
+    assert np.abs(per_seed[1].astype(int) - other[1]).max() <= 1
+
+
+def test_same_as_edm_jax_sample(tiny):
+    """as_sampling_model + edm_jax.sample (karras, the LDM range) gives text_to_image's latents."""
+    pipe, params = tiny
+    model, mparams = pipeline.as_sampling_model(pipe, params, "a red cube", "", cfg_scale=7.5,
+                                                height=SIZE[0], width=SIZE[1])  # fmt: skip
+    latents = api.sample(jax.random.key(0), mparams, model, seeds=[0, 1], sampler="dpmpp_2m",
+                         num_steps=3, sigma_min=1e-3, sigma_max=1e3, batch_size=3)  # fmt: skip
+    ours = api.to_uint8(pipe.decode(params["vae"], jnp.asarray(latents)))
+    assert np.abs(ours.astype(int) - t2i(tiny)).max() <= 1
+
+
+def test_bf16_unet_runs(tiny):
+    """The U-Net in bfloat16 gives finite images close to float32's."""
+    pipe, params = tiny
+    bf = pipeline.StableDiffusion(pipe.unet.clone(dtype=jnp.bfloat16), pipe.vae, pipe.text, "eps", "sd1")
+    img = generate.text_to_image(jax.random.key(0), bf, params, "a red cube", steps=3, seeds=[0, 1],
+                                 height=SIZE[0], width=SIZE[1], batch_size=3)  # fmt: skip
+    assert np.abs(img.astype(int) - t2i(tiny)).mean() < 8
+
+
+def test_bad_inputs_one_line(tiny):
+    """Unknown sampler / schedule, a size not a multiple of the VAE factor: one line, no compute."""
+    cases = [
+        (dict(sampler="dpmpp_2n"), r"unknown sampler 'dpmpp_2n' \(did you mean 'dpmpp_2m'\?\)"),
+        (dict(schedule="karas"), r"unknown schedule 'karas' \(did you mean 'karras'\?\)"),
+        (dict(height=36), r"height 36 is not a multiple of 16"),
+        (dict(width=50), r"width 50 is not a multiple of 16"),
+        (dict(seeds=[0, 1, 2], prompts=["a", "b"]), r"prompts must be a string or a list of 1 or 3"),
+        (dict(cfg_scale=float("nan")), r"cfg_scale"),
+    ]
+    for kw, pattern in cases:
+        prompts = kw.pop("prompts", "x")
+        with pytest.raises(ValueError, match=pattern) as e:
+            t2i(tiny, prompts, **kw)
+        assert "\n" not in str(e.value)
