@@ -355,3 +355,47 @@ def test_bad_inputs_one_line(tiny):
         with pytest.raises(ValueError, match=pattern) as e:
             t2i(tiny, prompts, **kw)
         assert "\n" not in str(e.value)
+
+
+# ---- sample.py
+
+
+@pytest.fixture(scope="module")
+def sample_py():
+    """The sample.py module (the repository root is not a package)."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        import sample
+    finally:
+        sys.path.remove(root)
+    return sample
+
+
+def test_sample_py_defaults_and_flag_errors(sample_py, sd_file, tmp_path, capsys):
+    """Trained-model defaults unchanged, SD defaults for SD files; misplaced flags: one line."""
+    a = sample_py.parse_args(["--workdir", "w"])
+    assert (a.sampler, a.steps, a.cfg_scale, a.batch, a.seeds) == (
+        "heun",
+        18,
+        1.0,
+        64,
+        list(range(64)),
+    )
+    path = str(sd_file[-1])
+    a = sample_py.parse_args(["--checkpoint", path, "--prompt", "x"])
+    assert (a.sampler, a.steps, a.cfg_scale, a.batch, a.seeds) == ("dpmpp_2m", 25, 7.5, 8, [0])
+    for argv, msg in (
+        (["--checkpoint", path], "error: --prompt is required with a Stable Diffusion checkpoint"),
+        (["--workdir", str(tmp_path), "--prompt", "x"], "error: --prompt needs --checkpoint FILE"),
+        (
+            ["--checkpoint", path, "--prompt", "x", "--sampler", "eulr"],
+            "error: unknown sampler 'eulr'",
+        ),
+    ):
+        assert sample_py.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(msg) and "\n" not in err, err
