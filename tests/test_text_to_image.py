@@ -399,3 +399,67 @@ def test_sample_py_defaults_and_flag_errors(sample_py, sd_file, tmp_path, capsys
         assert sample_py.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(msg) and "\n" not in err, err
+
+
+# ---- the text encoders (edm_jax.clip) and the whole file through sample.py
+
+
+def clip_fixture(fixtures_dir, name: str) -> tuple[dict, dict]:
+    """(arrays, OpenAI/open_clip-named float32 state_dict) of clip_<name>.npz."""
+    with np.load(fixtures_dir / f"clip_{name}.npz") as d:
+        arrays = {k: d[k] for k in d.files}
+    sd = {k[6:]: arrays.pop(k).astype(np.float32) for k in list(arrays) if k.startswith("param/")}
+    return arrays, sd
+
+
+def openai_to_hf_text(sd: dict) -> dict:
+    """OpenAI CLIP text names -> HF CLIPTextModel names (no projection), written out here."""
+    top = {"token_embedding.weight": "embeddings.token_embedding.weight",
+           "positional_embedding": "embeddings.position_embedding.weight",
+           "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}  # fmt: skip
+    sub = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+           "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}  # fmt: skip
+    out = {"text_model.embeddings.position_ids": np.arange(77)[None]}
+    for k, v in sd.items():
+        if k in top:
+            out["text_model." + top[k]] = v
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)[._](weight|bias)$", k)
+        if m is None:
+            continue
+        layer = f"text_model.encoder.layers.{m[1]}."
+        if m[2] == "attn.in_proj":
+            for name, part in zip("qkv", np.split(v, 3), strict=True):
+                out[f"{layer}self_attn.{name}_proj.{m[3]}"] = part
+        else:
+            out[f"{layer}{sub[m[2]]}.{m[3]}"] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def vocab(fixtures_dir) -> str:
+    """The CLIP BPE vocabulary of the fixtures."""
+    return str(fixtures_dir / "bpe_simple_vocab_16e6.txt.gz")
+
+
+def test_text_encoders_match_the_clip_fixtures(fixtures_dir, vocab):
+    """SD 1 (HF names, last layer) and SD 2 (open_clip names, penultimate + ln_final) hidden states."""
+    from edm_jax.sd import text
+
+    for variant, name, key in (
+        ("sd1", "openai", "text_hidden"),
+        ("sd2", "openclip", "sd2_penultimate_ln"),
+    ):
+        arrays, sd = clip_fixture(fixtures_dir, name)
+        part = {"transformer." + k: v for k, v in openai_to_hf_text(sd).items()} if variant == "sd1" else {"model." + k: v for k, v in sd.items()}  # fmt: skip
+        cfg, params = text.convert_text_encoder(variant, part, heads=2)  # the fixtures' 2 heads
+        enc = text.text_encoder(variant, cfg, vocab)
+        out = fast_jit(enc.apply, params, jnp.asarray(arrays["text_tokens"], jnp.int32))
+        assert maxrel(out, arrays[key]) <= 2e-5, variant
+        ids = enc.tokenize(["a red cube"])[0]
+        assert ids[0] == 49406 and list(ids).index(49407) == 4
+        assert (
+            ids[5:] == (49407 if variant == "sd1" else 0)
+        ).all()  # HF pads with EOT, open_clip 0
+        with pytest.warns(UserWarning, match="tokens; truncated to 77"):
+            long = enc.tokenize(["word " * 100])[0]
+        assert long[-1] == 49407 and long.shape == (77,)

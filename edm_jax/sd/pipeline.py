@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,15 +145,6 @@ def _encoder(pipe: StableDiffusion) -> Callable:
     if entry is None or entry[0] is not pipe:
         entry = _ENCODERS[id(pipe)] = (pipe, jax.jit(pipe.text.apply))
     return entry[1]
-
-
-def truncation_warning(n_tokens: int, limit: int, prompt: str) -> None:
-    """Warn (once per prompt) that a prompt longer than the context is truncated, as the reference."""
-    warnings.warn(
-        f"prompt has {n_tokens} tokens, more than the {limit} the text encoder takes; it is "
-        f"truncated: {prompt[:60]!r}...",
-        stacklevel=3,
-    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
