@@ -463,3 +463,51 @@ def test_text_encoders_match_the_clip_fixtures(fixtures_dir, vocab):
         with pytest.warns(UserWarning, match="tokens; truncated to 77"):
             long = enc.tokenize(["word " * 100])[0]
         assert long[-1] == 49407 and long.shape == (77,)
+
+
+E2E_UNET = dict(TINY_UNET, num_heads=8)  # SD 1's rule: 8 heads (the loader infers the rest)
+E2E_VAE = vae_lib.VAEConfig(block_out_channels=(32, 32), layers_per_block=1)  # 32 groups as CompVis
+
+
+@pytest.fixture(scope="module")
+def e2e_file(fixtures_dir, tmp_path_factory):
+    """A tiny SD 1 single file: random U-Net, random CompVis VAE, the fixture CLIP text tower."""
+    _, clip_sd = clip_fixture(fixtures_dir, "openai")
+    net = lu.ldm_unet(**E2E_UNET, context_dim=64)
+    unet = random_params(jax.eval_shape(lambda: lu.init_ldm_unet(net, jax.random.key(0))), 3)
+    vae = vae_lib.build_vae(E2E_VAE)
+    vae_sd = compvis_vae(vae_lib.to_state_dict(vae_lib.random_vae_params(4, vae)), levels=2)
+    text_sd = {"transformer." + k: v for k, v in openai_to_hf_text(clip_sd).items()}
+    path = tmp_path_factory.mktemp("e2e") / "tiny-v1.safetensors"
+    return write_sd_file(path, co.to_openai_state_dict(unet, net), vae_sd, text_sd)
+
+
+def test_sample_py_prompt_end_to_end(sample_py, e2e_file, vocab, tmp_path):
+    """sample.py --prompt on a released-layout file: PNGs; the cached load reproduces a seed alone."""
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(e2e_file), "--prompt", "a red cube", "--negative-prompt", "blurry",
+            "--sampler", "euler_ancestral", "--schedule", "exponential", "--steps", "3",
+            "--seeds", "0-2", "--batch", "3", "--height", "16", "--width", "24", "--vocab", vocab,
+            "--outdir", str(out), "--no-progress"]  # fmt: skip
+    assert sample_py.main(argv) == 0
+    with np.load(out / "samples.npz") as f:
+        images, seeds = f["images"], f["seeds"]
+    assert images.shape == (3, 16, 24, 3) and list(seeds) == [0, 1, 2] and images.std() > 1
+    assert (out / "000002.png").is_file() and (out / "grid.png").is_file()
+    cache = e2e_file.parent / (e2e_file.name + ".edm_jax.npz")
+    assert cache.is_file()
+    pipe, params = load.load_pipeline(e2e_file, vocab=vocab)  # from the cache
+    assert (pipe.variant, pipe.prediction, pipe.unet.context_dim) == ("sd1", "eps", 64)
+    kw = dict(
+        sampler="euler_ancestral",
+        schedule="exponential",
+        steps=3,
+        height=16,
+        width=24,
+        batch_size=3,
+    )
+    key = jax.random.key(0)
+    alone = generate.text_to_image(key, pipe, params, "a red cube", "blurry", seeds=[2], **kw)
+    assert np.abs(alone[0].astype(int) - images[2]).max() <= 1
+    other = generate.text_to_image(key, pipe, params, "a red cube", "sharp", seeds=[2], **kw)
+    assert np.abs(other[0].astype(int) - images[2]).mean() > 1
