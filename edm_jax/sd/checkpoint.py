@@ -129,7 +129,7 @@ def infer_unet_config(unet: dict[str, np.ndarray], variant: str) -> dict[str, An
         in_channels=int(unet["input_blocks.0.0.weight"].shape[1]),
         out_channels=int(unet["out.2.weight"].shape[0]),
         model_channels=mc,
-        attention_resolutions=tuple(attn),
+        attention_resolutions=tuple(reversed(attn)),  # the yamls' order (4, 2, 1)
         num_res_blocks=nrb,
         channel_mult=tuple(mult),
         context_dim=int(to_k.shape[1]),
