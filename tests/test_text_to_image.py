@@ -402,16 +402,20 @@ def test_sample_py_defaults_and_flag_errors(sample_py, sd_file, tmp_path, capsys
         list(range(64)),
     )
     path = str(sd_file[-1])
+    other = reader.write_safetensors(
+        tmp_path / "vae.safetensors", {"decoder.conv_in.weight": np.zeros((2,), np.float32)}
+    )
     a = sample_py.parse_args(["--checkpoint", path, "--prompt", "x"])
     assert (a.sampler, a.steps, a.cfg_scale, a.batch, a.seeds) == ("dpmpp_2m", 25, 7.5, 8, [0])
     for argv, msg in (
         (["--checkpoint", path], "error: --prompt is required with a Stable Diffusion checkpoint"),
         (["--workdir", str(tmp_path), "--prompt", "x"], "error: --prompt needs --checkpoint FILE"),
-        (
-            ["--checkpoint", path, "--prompt", "x", "--sampler", "eulr"],
-            "error: unknown sampler 'eulr'",
-        ),
-    ):
+        (["--checkpoint", path, "--prompt", "x", "--sampler", "eulr"], "error: unknown sampler 'eulr'"),
+        (["--checkpoint", path, "--prompt", "x", "--schedule", "karas"],
+         "error: unknown --schedule 'karas' (did you mean 'karras'?)"),
+        (["--checkpoint", path, "--prompt", "x", "--height", "500"], "error: --height 500 is not a multiple of 8"),
+        (["--checkpoint", str(other), "--prompt", "x"], f"error: {other} is not a Stable Diffusion checkpoint"),
+    ):  # fmt: skip
         assert sample_py.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(msg) and "\n" not in err, err

@@ -78,17 +78,21 @@ def main(args: argparse.Namespace, options: dict, write_outputs: Callable) -> in
     import jax.numpy as jnp
 
     from edm_jax import api
+    from edm_jax.checks import check_choice
     from edm_jax.sd import generate, load
 
     api.check_sample_args(args.sampler, args.steps, args.batch, **options)
+    check_choice("--schedule", args.schedule, generate.T2I_SCHEDULES)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"{flag} {value} is not a multiple of 8 (the VAE's downsampling)")
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     pipe, params = load.load_pipeline(args.checkpoint, config=args.sd_config,
                                       prediction=args.prediction, ema=args.ema, dtype=dtype,
                                       vocab=args.vocab)  # fmt: skip
     side = 768 if pipe.prediction == "v" else 512
     height, width = args.height or side, args.width or side
-    pipe.check_size(height, width)
-    generate.t2i_sigmas(pipe, args.schedule, args.steps)  # checks the schedule
+    pipe.check_size(height, width)  # a multiple of 64 for the SD U-Net (8 x 8)
     print(load.describe(pipe), file=sys.stderr)
     images = generate.text_to_image(
         jax.random.key(0), pipe, params, args.prompt, args.negative_prompt,
