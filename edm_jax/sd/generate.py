@@ -30,7 +30,7 @@ Array = jax.Array
 
 __all__ = ["T2I_SCHEDULES", "text_to_image", "t2i_sigmas"]
 
-_KEY_INIT, _KEY_NOISE = 0, 2  # as api.sample
+_KEY_INIT, _KEY_ENCODE, _KEY_NOISE = 0, 1, 2  # as api.sample (1: its label key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class _Spec:
     num_steps: int
     guided: bool
     options: tuple
+    img2img: bool = False
 
 
 def t2i_sigmas(pipe: StableDiffusion, schedule: str, steps: int) -> np.ndarray:
@@ -62,20 +63,28 @@ def _solve(pipe: StableDiffusion, spec: _Spec, denoise: Callable, x: Array, sigm
 
 
 def _program(pipe: StableDiffusion, spec: _Spec) -> Callable:
-    """Jitted (params, keys [B], context [B, 2, S, D], scale, sigmas) -> images [B, H, W, 3]."""
+    """Jitted (params, keys [B], context [B, 2, S, D], scale, sigmas, init images [B, H, W, 3] |
+    None) -> images [B, H, W, 3]; with init images the sampler starts from their latents."""
 
-    def one(params, key, ctx, scale, sigmas):
+    def one(params, key, ctx, scale, sigmas, init):
         x = jax.random.normal(jax.random.fold_in(key, _KEY_INIT), (1, *spec.latent_shape))
         x = x * sigmas[0]  # k-diffusion: x = randn * sigmas[0]
+        if init is not None:  # img2img: the init latents noised to the first sigma
+            x = x + init[None]
         if spec.guided:
             denoise = pipe.guided(params["unet"], ctx[None, 0], ctx[None, 1], scale)
         else:
             denoise = _with_context(pipe.denoiser(params["unet"]), ctx[None, 0])
         return _solve(pipe, spec, denoise, x, sigmas, jax.random.fold_in(key, _KEY_NOISE))[0]
 
-    def run(params, keys, ctx, scale, sigmas):
-        latents = jax.vmap(one, in_axes=(None, 0, 0, None, None))(params, keys, ctx, scale, sigmas)
-        return pipe.decode(params["vae"], latents)
+    def run(params, keys, ctx, scale, sigmas, images):
+        init = None
+        if images is not None:
+            pixels = images.astype(jnp.float32) / 127.5 - 1.0
+            enc_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, _KEY_ENCODE)
+            init = pipe.encode_images(params["vae"], pixels, enc_keys)
+        one_b = jax.vmap(one, in_axes=(None, 0, 0, None, None, 0))
+        return pipe.decode(params["vae"], one_b(params, keys, ctx, scale, sigmas, init))
 
     return jax.jit(run)
 
@@ -137,13 +146,17 @@ def text_to_image(
     height: int = 512,
     width: int = 512,
     batch_size: int | None = None,
+    init_images: np.ndarray | None = None,
+    strength: float = 0.75,
     **sampler_options,
 ) -> np.ndarray:
     """uint8 images [N, height, width, 3], one per seed (prompts: one, or one per seed).
 
     ``cfg_scale`` 1 turns guidance off (the negative prompt is then unused); schedules are
     T2I_SCHEDULES (k-diffusion's karras / exponential / polyexponential / discrete, diffusers'
-    leading / trailing / linspace), all within the LDM sigma range.
+    leading / trailing / linspace), all within the LDM sigma range. img2img: ``init_images``
+    uint8 [1 or N, height, width, 3] are encoded, noised to the schedule's sigma at ``strength``
+    (its last ``int(steps * strength)`` steps run, as diffusers) and denoised from there.
     """
     sampler = _check(sampler, steps, cfg_scale, sampler_options)
     check_choice("schedule", schedule, T2I_SCHEDULES)
@@ -152,15 +165,38 @@ def text_to_image(
     n, bs = len(seed_arr), api._batch_size(batch_size, len(seed_arr))
     prompts_n = _per_seed("prompts", prompts, n)
     negatives = _per_seed("negative_prompt", negative_prompt, n)
-    sigmas = jnp.asarray(t2i_sigmas(pipe, schedule, steps))
+    sigmas = t2i_sigmas(pipe, schedule, steps)
+    images = None
+    if init_images is not None:
+        images, sigmas = _img2img(sampler, init_images, strength, sigmas, (height, width), n)
     spec = _Spec(sampler, latent, steps, float(cfg_scale) != 1.0,
-                 tuple(sorted(sampler_options.items())))  # fmt: skip
+                 tuple(sorted(sampler_options.items())), images is not None)  # fmt: skip
     program = _cached_program(pipe, spec)
     ctx = _contexts(pipe, params, prompts_n, negatives)
-    return _run(program, rng, params, seed_arr, ctx, bs, jnp.float32(cfg_scale), sigmas)
+    scale = jnp.float32(cfg_scale)
+    return _run(program, rng, params, seed_arr, ctx, bs, scale, jnp.asarray(sigmas), images)
 
 
-def _run(program, rng, params, seeds, ctx, bs, scale, sigmas) -> np.ndarray:
+def _img2img(sampler, images, strength, sigmas, size, n) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [n, H, W, 3], the schedule's last int(steps * strength) steps), checked."""
+    check_scalar("strength", strength)
+    steps = len(sigmas) - 1
+    k = int(steps * float(strength))
+    if not 0 < float(strength) <= 1 or k < 1:
+        raise ValueError(
+            f"strength must be in (0, 1] and leave >= 1 of {steps} steps, got {strength}"
+        )
+    if SAMPLER_INFO[sampler].takes == "range":
+        raise ValueError(f"img2img needs a sampler on a sigma grid; {sampler!r} takes a range")
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1:] != (*size, 3) or len(a) not in (1, n):
+        raise ValueError(
+            f"init_images must be uint8 [1 or {n}, {size[0]}, {size[1]}, 3], got {a.dtype}{a.shape}"
+        )
+    return np.broadcast_to(a, (n, *a.shape[1:])), sigmas[steps - k :]
+
+
+def _run(program, rng, params, seeds, ctx, bs, scale, sigmas, images=None) -> np.ndarray:
     """The program on padded batches of seeds (split over devices); uint8 images of the seeds."""
     mesh = api._mesh(bs)
     params = api._shard(params, mesh, PartitionSpec())
@@ -168,7 +204,8 @@ def _run(program, rng, params, seeds, ctx, bs, scale, sigmas) -> np.ndarray:
     for start in range(0, len(seeds), bs):
         idx = api._pad(np.arange(start, min(start + bs, len(seeds))), bs)
         keys = api._seed_keys(rng, jnp.asarray(seeds[idx] % 2**32, jnp.uint32))
-        keys, c = api._shard((keys, jnp.asarray(ctx[idx])), mesh, PartitionSpec("batch"))
-        images = program(params, keys, c, scale, sigmas)
-        out.append(api.to_uint8(jax.device_get(images))[: min(bs, len(seeds) - start)])
+        init = None if images is None else jnp.asarray(images[idx])
+        batch = api._shard((keys, jnp.asarray(ctx[idx]), init), mesh, PartitionSpec("batch"))
+        pixels = program(params, batch[0], batch[1], scale, sigmas, batch[2])
+        out.append(api.to_uint8(jax.device_get(pixels))[: min(bs, len(seeds) - start)])
     return np.concatenate(out)

@@ -24,7 +24,7 @@ import numpy as np
 
 from edm_jax import guidance, schedules, wrappers
 from edm_jax.nets.ldm_unet import LDMUNet
-from edm_jax.nets.vae import AutoencoderKL
+from edm_jax.nets.vae import AutoencoderKL, DiagonalGaussian
 
 Array = jax.Array
 
@@ -109,6 +109,14 @@ class StableDiffusion:
         z = latents.astype(jnp.float32) / self.scale_factor
         x: Array = self.vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)  # type: ignore[assignment]
         return jnp.clip(x, -1.0, 1.0)
+
+    def encode_images(self, vae_params: Any, images: Array, keys: Array) -> Array:
+        """Latents [B, h, w, 4] of images [B, H, W, 3] in [-1, 1]: a draw of the VAE's Gaussian
+        (one key per row, as diffusers' ``latent_dist.sample``) times scale_factor."""
+        moments = self.vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode)
+        dist = DiagonalGaussian.from_moments(moments)  # type: ignore[arg-type]
+        noise = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, m.dtype))(keys, dist.mean)
+        return (dist.mean + dist.std * noise) * self.scale_factor
 
     def encode_prompts(self, text_params: Any, prompts: Sequence[str]) -> np.ndarray:
         """Context [N, L, D] (float32) of each prompt; one compile, one prompt at a time."""
