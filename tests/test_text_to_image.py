@@ -99,9 +99,12 @@ def fake_text_part(variant: str, width: int) -> dict:
     return {prefix + "token_embedding.weight": np.zeros((10, width), np.float32)}
 
 
-def write_sd_file(path, unet_sd, vae_sd, text_sd, ema_scale=None):
-    """A released-layout single file (+ model_ema. copy of the U-Net times ema_scale)."""
+def write_sd_file(path, unet_sd, vae_sd, text_sd, ema_scale=None, alphas_cumprod=None):
+    """A released-layout single file (+ model_ema. copy of the U-Net times ema_scale, and the
+    LatentDiffusion alphas_cumprod buffer)."""
     tensors = {co.SD_UNET_PREFIX + k: v for k, v in unet_sd.items()}
+    if alphas_cumprod is not None:
+        tensors["alphas_cumprod"] = alphas_cumprod
     tensors |= {ck.VAE_PREFIX + k: v for k, v in vae_sd.items()}
     tensors |= {ck.TEXT_PREFIX + k: v for k, v in text_sd.items()}
     if ema_scale is not None:
@@ -137,7 +140,8 @@ def sd_file(request, fixtures_dir, vae_ref, tmp_path_factory):
     case = request.param
     arrays, kw, sd = unet_fixture(fixtures_dir, case)
     path = tmp_path_factory.mktemp(case) / f"tiny-{case}.safetensors"
-    write_sd_file(path, sd, vae_part(vae_ref), fake_text_part(case, kw["context_dim"]), 0.5)
+    text = fake_text_part(case, kw["context_dim"])
+    write_sd_file(path, sd, vae_part(vae_ref), text, 0.5, arrays["alphas_cumprod_f32"])
     return case, arrays, kw, sd, path
 
 
@@ -146,6 +150,11 @@ def test_split_infer_and_unet_parity(sd_file):
     case, arrays, kw, sd, path = sd_file
     parts = ck.split_checkpoint(reader.read_state_dict(path), str(path))
     assert parts.variant == case and set(parts.unet) == set(sd)
+    np.testing.assert_array_equal(parts.alphas_cumprod, arrays["alphas_cumprod_f32"])
+    np.testing.assert_array_equal(  # the LDM schedule used when a file has no buffer
+        stand_in_pipe(lu.ldm_unet(**kw)).alphas_cumprod,
+        arrays["alphas_cumprod_f32"],
+    )
     inferred = ck.infer_unet_config(parts.unet, case)
     heads = ("num_heads", "num_head_channels")
     for key in set(kw) - {

@@ -51,6 +51,7 @@ class SDParts:
     text: dict[str, np.ndarray]
     ema: dict[str, np.ndarray]  # 'model_ema.<name without dots>' entries, prefix kept
     variant: str  # 'sd1' or 'sd2'
+    alphas_cumprod: np.ndarray | None = None  # LatentDiffusion's float32 buffer, if saved
 
 
 def _under(sd: dict[str, np.ndarray], prefix: str, keep: bool = False) -> dict[str, np.ndarray]:
@@ -88,7 +89,10 @@ def split_checkpoint(sd: dict[str, np.ndarray], where: str = "checkpoint") -> SD
             raise ValueError(f"{where}: no {prefix!r} keys; a full SD checkpoint holds all three")
     text = _under(sd, TEXT_PREFIX)
     vae = {k: v for k, v in _under(sd, VAE_PREFIX).items() if not k.startswith("loss.")}
-    return SDParts(unet, vae, text, _under(sd, EMA_PREFIX, keep=True), _variant(unet, text, where))
+    ac = sd.get("alphas_cumprod")  # k-diffusion's CompVisDenoiser reads model.alphas_cumprod
+    ac = None if ac is None else np.asarray(ac, np.float32).reshape(-1)
+    ema = _under(sd, EMA_PREFIX, keep=True)
+    return SDParts(unet, vae, text, ema, _variant(unet, text, where), ac)
 
 
 def _count(keys, pattern: str) -> int:

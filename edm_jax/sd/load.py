@@ -68,6 +68,8 @@ def _convert(parts: ck.SDParts, config: Any, ema: bool) -> tuple[dict, dict]:
     vae_cfg, vae_params = convert_vae(parts)
     text_cfg, text_params = sd_text.convert_text_encoder(parts.variant, parts.text)
     configs = dict(unet=unet_cfg, vae=dataclasses.asdict(vae_cfg), text=text_cfg)
+    if parts.alphas_cumprod is not None:  # the file's schedule (else the LDM linear one)
+        configs["alphas_cumprod"] = parts.alphas_cumprod.tolist()
     params = dict(unet=unet_params, vae=vae_params, text=text_params)
     return configs, jax.tree.map(np.asarray, params)
 
@@ -116,12 +118,15 @@ def _build(
     for key in ("attention_resolutions", "channel_mult"):
         cfg[key] = tuple(cfg[key])
     vcfg = dict(configs["vae"], block_out_channels=tuple(configs["vae"]["block_out_channels"]))
+    saved = configs.get("alphas_cumprod")  # the file's buffer, else the LDM linear schedule
+    schedule = {} if saved is None else {"alphas_cumprod": np.asarray(saved, np.float32)}
     return StableDiffusion(
         unet=ldm_unet.ldm_unet(**cfg, dtype=dtype),
         vae=vae.build_vae(vae.VAEConfig(**vcfg)),
         text=sd_text.text_encoder(variant, configs["text"], vocab),
         prediction=prediction,
         variant=variant,
+        **schedule,
     )
 
 
