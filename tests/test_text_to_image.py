@@ -307,7 +307,8 @@ def test_cfg_is_one_batched_call_of_the_two_call_maths(tiny):
 
 
 def test_schedules_deterministic_one_program(tiny):
-    """karras / leading / exponential with dpmpp_2m: uint8 images, the same again, one compile."""
+    """karras / leading / exponential with dpmpp_2m: uint8 images, the same again; schedules,
+    prompts, seeds and scale all reuse one compiled program."""
     seen = [t2i(tiny, schedule=name) for name in ("karras", "leading", "exponential")]
     for img in seen:
         assert img.shape == (2, *SIZE, 3) and img.dtype == np.uint8 and img.std() > 1
@@ -315,8 +316,10 @@ def test_schedules_deterministic_one_program(tiny):
     for i in range(3):
         for j in range(i):
             assert np.abs(seen[i].astype(int) - seen[j]).max() > 0
-    specs = [k[1] for k in generate._PROGRAMS if k[0] == id(tiny[0])]
-    assert len([s for s in specs if s.sampler == "dpmpp_2m" and s.num_steps == 3]) == 1
+    t2i(tiny, "another prompt", "and a negative one", cfg_scale=3.0, seeds=[9])
+    spec = generate._Spec("dpmpp_2m", (8, 12, 4), 3, True, ())
+    programs = [v[1] for k, v in generate._PROGRAMS.items() if k == (id(tiny[0]), spec)]
+    assert len(programs) == 1 and programs[0]._cache_size() == 1  # one trace, one compile
 
 
 def test_batch_invariant_prompts_and_negative_prompt_matter(tiny):
