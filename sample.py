@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edm_jax.clip import cli as clip_cli
 from edm_jax.sd import cli as sd_cli
 
 
@@ -71,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--list-samplers", action="store_true",
                    help="print the samplers with their options and defaults, and exit")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    clip_cli.add_arguments(p)
     sd_cli.add_arguments(p)  # Stable Diffusion: --checkpoint FILE.safetensors --prompt ...
     args = p.parse_args(argv)
     sd_cli.fill_defaults(args)
@@ -211,6 +213,7 @@ def _main(args: argparse.Namespace) -> int:
         print(list_samplers())
         return 0
     check_numbers(args)
+    clip_cli.check(args)
     options = parse_options(args.option)
     sd_cli.check_flags(args)
     if sd_cli.wants_sd(args):
@@ -225,6 +228,7 @@ def _main(args: argparse.Namespace) -> int:
         guide, guide_params, _ = api.load(args.guide)
         model = GuidedModel(model, guide, args.guidance, args.guidance_interval)
         params = (params, guide_params)
+    model, params = clip_cli.wrap(args, model, params)
     import jax
 
     rng = jax.random.key(0)

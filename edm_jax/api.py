@@ -35,7 +35,7 @@ __all__ = [
 _UNSUPPORTED_OPTIONS = (
     "return_trajectory", "return_info", "rng", "noise_sampler", "extra_args", "callback", "disable",
 )  # fmt: skip
-_KEY_INIT, _KEY_LABEL, _KEY_NOISE = 0, 1, 2
+_KEY_INIT, _KEY_LABEL, _KEY_NOISE, _KEY_GUIDE = 0, 1, 2, 3
 Seeds = Sequence[int] | np.ndarray  # 1-D ints >= 0
 
 
@@ -162,9 +162,12 @@ def _solve(spec: _Spec, denoise: Callable, x: Array, key: Array, round_sigma) ->
     return info.fn(denoise, x, sigmas, rng=key, **options)
 
 
-def _conditioned(model, params, onehot, guided: bool, cfg_scale) -> Callable:
-    """denoise(x, sigma) with the labels (and classifier-free guidance) closed over."""
+def _conditioned(model, params, onehot, guided: bool, cfg_scale, key: Array) -> Callable:
+    """denoise(x, sigma) with the labels (and classifier-free guidance) closed over; a model
+    whose guidance is random (``takes_key``, e.g. CLIP's augmentations) gets the seed's key."""
     denoise = functools.partial(model.denoise, params)
+    if getattr(model, "takes_key", False):
+        denoise = functools.partial(denoise, key=jax.random.fold_in(key, _KEY_GUIDE))
     if onehot is None:
         return denoise
     if not guided:
@@ -200,7 +203,7 @@ def _program(model, spec: _Spec) -> Callable:
         x = jax.random.normal(jax.random.fold_in(key, _KEY_INIT), (1,) + spec.shape)
         x = x * spec.sigma_max  # x_0 ~ N(0, sigma_max^2 I)  (EDM Algorithm 1, line 1)
         onehot = None if cls is None else jax.nn.one_hot(cls[None], spec.label_dim)
-        denoise = _conditioned(model, params, onehot, spec.guided, cfg_scale)
+        denoise = _conditioned(model, params, onehot, spec.guided, cfg_scale, key)
         key = jax.random.fold_in(key, _KEY_NOISE)
         return _solve(spec, denoise, x, key, round_sigma)[0]
 

@@ -55,3 +55,25 @@ def compile_counter():
 
 def pytest_configure(config):
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A workdir from a real (2-step) training run of configs/tiny.py (digits, 8x8x1), shared."""
+    import importlib.util
+    from pathlib import Path
+
+    from edm_jax.train import train
+
+    spec = importlib.util.spec_from_file_location(
+        "tiny_config", Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.total_kimg = 2 * config.train.batch_size / 1000  # 2 steps
+    config.log.checkpoint_every_steps = 2
+    config.model.net.channel_mult = (1,)  # one resolution level: the fastest to compile
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    train(config, workdir, print_summary=False)
+    return workdir

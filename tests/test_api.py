@@ -141,28 +141,6 @@ def _outputs(outdir):
     return {p.name: p.read_bytes() for p in sorted(outdir.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A workdir from a real (2-step) training run of configs/tiny.py."""
-    import importlib.util
-    from pathlib import Path
-
-    from edm_jax.train import train
-
-    spec = importlib.util.spec_from_file_location(
-        "tiny_config", Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.train.total_kimg = 2 * config.train.batch_size / 1000  # 2 steps
-    config.log.checkpoint_every_steps = 2
-    config.model.net.channel_mult = (1,)  # one resolution level: the fastest to compile
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    train(config, workdir, print_summary=False)
-    return workdir
-
-
 def test_load_training_run(tiny_run):
     model, params, config = api.load(tiny_run)
     assert model.label_dim == 10 and model.img_resolution == 8 and config.data.name == "digits"

@@ -183,3 +183,49 @@ def load(
     config = clip_model.preset(model) if isinstance(model, str) else model
     what = f"CLIP {model}" if isinstance(model, str) else "CLIP"
     return from_state_dict(read_state_dict(path, prefix=prefix), config, what=what)
+
+
+def _count(sd: dict, pattern: str) -> int:
+    return len({m[1] for k in sd if (m := re.match(pattern, k))})
+
+
+def infer_config(state_dict: dict[str, np.ndarray]) -> clip_model.CLIPConfig:
+    """The config of OpenAI-style weights, derived as ``clip.model.build_model`` does (heads are
+    width // 64, QuickGELU); open_clip models with other head widths need their preset."""
+    sd = state_dict
+    need = (
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "text_projection",
+        "ln_final.weight",
+    )
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(
+            f"weights are not a CLIP ViT state_dict: no {missing[0]!r}; pass --clip-model"
+        )
+    width, _, patch, _ = np.shape(sd["visual.conv1.weight"])
+    grid = round((np.shape(sd["visual.positional_embedding"])[0] - 1) ** 0.5)
+    text_width = np.shape(sd["ln_final.weight"])[0]
+    return clip_model.CLIPConfig.openai(
+        embed_dim=np.shape(sd["text_projection"])[1],
+        image_resolution=patch * grid,
+        vision_layers=_count(sd, r"^visual\.transformer\.resblocks\.(\d+)\."),
+        vision_width=width,
+        vision_patch_size=patch,
+        context_length=np.shape(sd["positional_embedding"])[0],
+        vocab_size=np.shape(sd["token_embedding.weight"])[0],
+        transformer_width=text_width,
+        transformer_heads=max(text_width // 64, 1),
+        transformer_layers=_count(sd, r"^transformer\.resblocks\.(\d+)\."),
+    )
+
+
+def load_any(
+    path: str | os.PathLike, model: str | None = None
+) -> tuple[dict, clip_model.CLIPConfig]:
+    """(params, config) from a CLIP checkpoint: ``model`` a preset name, or None to derive the
+    config from the weights (OpenAI-style models)."""
+    sd = read_state_dict(path)
+    config = clip_model.preset(model) if model else infer_config(sd)
+    return from_state_dict(sd, config, what=f"CLIP {model}" if model else "CLIP"), config

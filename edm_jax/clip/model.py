@@ -386,3 +386,15 @@ def param_shapes(config: CLIPConfig) -> dict:
 def num_params(config: CLIPConfig) -> int:
     """Total parameter count of ``config``."""
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(param_shapes(config))))
+
+
+def encode_image(params: Any, config: CLIPConfig, images: Array, dtype: Any = jnp.float32) -> Array:
+    """``CLIP(config).encode_image`` with ``params``: [B, H, W, 3] normalised -> [B, embed_dim]."""
+    out = CLIP(config, dtype).apply({"params": params}, images, method="encode_image")
+    return jnp.asarray(out, jnp.float32)
+
+
+def encode_text(params: Any, config: CLIPConfig, tokens: Array, dtype: Any = jnp.float32) -> Array:
+    """``CLIP(config).encode_text`` with ``params``: [B, T] ids -> [B, embed_dim]."""
+    out = CLIP(config, dtype).apply({"params": params}, tokens, method="encode_text")
+    return jnp.asarray(out, jnp.float32)

@@ -5,7 +5,7 @@ python -m edm_jax.metrics gen  --reference-npz edm-cifar10-32x32-cond-vp.npz --r
 python -m edm_jax.metrics gen  --workdir runs/cifar --ref cifar10.npz --protocol nvidia
 python -m edm_jax.metrics calc --images samples/samples.npz --ref cifar10.npz
 
-Weights: --inception-weights / --dinov2-weights (default: $EDM_JAX_WEIGHTS or ~/.cache/edm_jax).
+Weights: --inception-weights / --dinov2-weights / --clip-weights (fd_clip) (default: $EDM_JAX_WEIGHTS or ~/.cache/edm_jax).
 Each result is printed and appended as one JSON line to --results (default metrics.jsonl).
 """
 
@@ -60,6 +60,7 @@ def _common(p: argparse.ArgumentParser, metrics: str) -> None:
                    help=f"comma-separated, of {sorted(ev.METRICS)} [default: {metrics}]")  # fmt: skip
     p.add_argument("--inception-weights", default=None, help="Inception-v3 weights (.npz/.pth)")
     p.add_argument("--dinov2-weights", default=None, help="DINOv2-L/14 weights (.npz/.pth)")
+    p.add_argument("--clip-weights", default=None, help="OpenAI CLIP weights for fd_clip (.pt)")
     p.add_argument("--detector-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=64, help="images per batch (all local devices)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -119,7 +120,8 @@ def _prepare(args) -> tuple[dict, dict]:
     """(detectors, reference) after checking weights, the reference and its sizes."""
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    weights = {"inception": args.inception_weights, "dinov2": args.dinov2_weights}
+    weights = {"inception": args.inception_weights, "dinov2": args.dinov2_weights,
+               "clip": args.clip_weights}  # fmt: skip
     ev.check_weights(args.metrics, weights)  # missing files: one line before anything loads
     ref: dict = {}
     if args.command != "ref" and set(args.metrics) - {"is"}:

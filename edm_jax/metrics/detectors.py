@@ -52,6 +52,14 @@ DETECTORS = {
         "dinov2_vitl14_pretrain.pth",
         "dinov2_vitl14_pretrain.npz",
     ),
+    "clip": DetectorSpec(
+        "OpenAI CLIP image features as k-diffusion's --evaluate-with clip (l2-normalised, "
+        "x sqrt(dim); any OpenAI CLIP, ViT-B/16 by default)",
+        "https://openaipublic.azureedge.net/clip/models/"
+        "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        "ViT-B-16.pt",
+        "ViT-B-16.safetensors",
+    ),
 }
 WEIGHTS_DIR_ENV = "EDM_JAX_WEIGHTS"
 
@@ -142,6 +150,12 @@ def random_detector(name: str, rng: Array, **small_config: Any) -> Detector:
     ``num_heads``, ``patch_size``, ``img_size``) and ``size`` (resize target).
     """
     _check_name(name)
+    if name == "clip":
+        from edm_jax.clip import model as clip_model
+
+        clip_config = clip_model.CLIPConfig.openai(**small_config)
+        shapes = clip_model.param_shapes(clip_config)
+        return clip_detector(_random_params(rng, shapes), clip_config)
     if name == "inception":
         config = {"width": 1 / 16, **small_config}
     else:
@@ -150,6 +164,19 @@ def random_detector(name: str, rng: Array, **small_config: Any) -> Detector:
     module, size = _module(name, jnp.float32, **config)
     params = _random_params(rng, param_template(module, size))
     return _make(name, module, params, size)
+
+
+def clip_detector(params: Any, config: Any) -> Detector:
+    """k-diffusion's CLIPFeatureExtractor as a Detector (uint8 or [-1, 1] images; grey as RGB)."""
+    from edm_jax.clip import features
+
+    run = features.feature_fn(config)
+
+    def apply(p: Any, images: Array) -> Array:
+        x = images.astype(jnp.float32) / 127.5 - 1 if images.dtype == jnp.uint8 else images
+        return run(p, jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x)
+
+    return Detector("clip", int(config.embed_dim), params, jax.jit(apply))
 
 
 def _random_params(rng: Array, template: Any) -> Any:
@@ -166,8 +193,11 @@ def _random_params(rng: Array, template: Any) -> Any:
         shape, leaf_name = tuple(leaf.shape), path[-1]
         if leaf_name == "kernel":
             a = gen.normal(size=shape) * np.sqrt(2 / np.prod(shape[:-1]))
-        elif leaf_name in ("pos_embed", "cls_token", "mask_token"):
+        elif leaf_name in ("pos_embed", "cls_token", "mask_token", "embedding", "class_embedding",
+                           "positional_embedding"):  # fmt: skip
             a = 0.02 * gen.normal(size=shape)
+        elif leaf_name in ("proj", "text_projection"):  # CLIP's x @ P projections
+            a = gen.normal(size=shape) / np.sqrt(shape[0])
         elif leaf_name in ("scale", "var", "gamma"):
             a = np.ones(shape)
         else:
@@ -239,6 +269,10 @@ def load_detector(
     path = default_weights(name) if weights is None else Path(weights)
     if path is None or not path.is_file():
         raise FileNotFoundError(_missing_message(name, weights))
+    if name == "clip":
+        from edm_jax.clip import convert
+
+        return clip_detector(*convert.load_any(path))
     sd = read_state_dict(path)
     config: dict = {}
     if name == "dinov2":

@@ -28,7 +28,9 @@ __all__ = [
 ]  # fmt: skip
 
 # metric -> the detector whose output it reads
-METRICS = {"fid": "inception", "kid": "inception", "is": "inception", "fd_dinov2": "dinov2"}
+METRICS = {
+    "fid": "inception", "kid": "inception", "is": "inception", "fd_dinov2": "dinov2", "fd_clip": "clip",
+}  # fmt: skip
 
 
 def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
@@ -45,7 +47,7 @@ def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
 def needed_detectors(metrics: Iterable[str]) -> list[str]:
     """The detector names the metrics read, in a fixed order."""
     names = {METRICS[m] for m in check_metrics(metrics)}
-    return [d for d in ("inception", "dinov2") if d in names]
+    return [d for d in ("inception", "dinov2", "clip") if d in names]
 
 
 def check_weights(metrics: Iterable[str], weights: Mapping[str, Any]) -> None:
@@ -61,10 +63,15 @@ def check_weights(metrics: Iterable[str], weights: Mapping[str, Any]) -> None:
         if found is None or not found.is_file():
             spec = detectors.DETECTORS[name]
             where = f"{name} weights not found: {path}" if path else f"no {name} weights given"
+            how = (
+                "(read as data, without torch)"
+                if name == "clip"
+                else "and convert it with "
+                f"`python -m edm_jax.metrics.convert_weights {name} {spec.filename} {spec.npz_name}`"
+            )
             raise FileNotFoundError(
-                f"{where}; download {spec.filename} from {spec.url} and convert it with "
-                f"`python -m edm_jax.metrics.convert_weights {name} {spec.filename} "
-                f"{spec.npz_name}` (or put it in $EDM_JAX_WEIGHTS or ~/.cache/edm_jax)"
+                f"{where}; download {spec.filename} from {spec.url} {how} "
+                "(or put it in $EDM_JAX_WEIGHTS or ~/.cache/edm_jax)"
             )
 
 

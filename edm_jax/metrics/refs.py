@@ -26,9 +26,10 @@ from edm_jax import restricted_pickle
 
 __all__ = ["FRECHET_METRICS", "check_ref", "load_ref", "save_ref"]
 
-FRECHET_METRICS = ("fid", "fd_dinov2")
+FRECHET_METRICS = ("fid", "fd_dinov2", "fd_clip")
 _NPZ_KEYS = {("fid", "mu"): "mu", ("fid", "sigma"): "sigma",
              ("fd_dinov2", "mu"): "fd_dinov2_mu", ("fd_dinov2", "sigma"): "fd_dinov2_sigma",
+             ("fd_clip", "mu"): "fd_clip_mu", ("fd_clip", "sigma"): "fd_clip_sigma",
              ("kid", "features"): "kid_features"}  # fmt: skip
 SUFFIXES = (".npz", ".pkl")
 

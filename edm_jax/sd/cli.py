@@ -53,10 +53,12 @@ def wants_sd(args: argparse.Namespace) -> bool:
 
 def fill_defaults(args: argparse.Namespace) -> None:
     """Set the flags left at None to the SD or the trained-model default."""
-    sd = wants_sd(args)
-    for name, (for_sd, other) in _DEFAULTS.items():
+    pick = 0 if wants_sd(args) else 1
+    for name, values in _DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, for_sd if sd else other)
+            setattr(args, name, values[pick])
+    if hasattr(args, "sampling_defaults"):  # CLIP guidance compares (sampler, steps) with them
+        args.sampling_defaults = (_DEFAULTS["sampler"][pick], _DEFAULTS["steps"][pick])
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -67,9 +69,13 @@ def check_flags(args: argparse.Namespace) -> None:
         return
     if not args.prompt:
         raise ValueError("--prompt is required with a Stable Diffusion checkpoint")
-    for flag in ("class_idx", "guide"):
-        if getattr(args, flag, None):
-            raise ValueError(f"--{flag.split('_')[0]} does not apply to Stable Diffusion")
+    for dest, flag in (
+        ("class_idx", "--class"),
+        ("guide", "--guide"),
+        ("clip_prompt", "--clip-prompt"),
+    ):
+        if getattr(args, dest, None):
+            raise ValueError(f"{flag} does not apply to Stable Diffusion checkpoints")
 
 
 def main(args: argparse.Namespace, options: dict, write_outputs: Callable) -> int:
