@@ -452,6 +452,7 @@ def test_sample_py_defaults_and_flag_errors(sample_py, sd_file, tmp_path, capsys
          "error: unknown --schedule 'karas' (did you mean 'karras'?)"),
         (["--checkpoint", path, "--prompt", "x", "--height", "500"], "error: --height 500 is not a multiple of 8"),
         (["--checkpoint", str(other), "--prompt", "x"], f"error: {other} is not a Stable Diffusion checkpoint"),
+        (["--checkpoint", path, "--prompt", "x", "--class", "3"], "error: --class does not apply to Stable"),
     ):  # fmt: skip
         assert sample_py.main(argv) == 2
         err = capsys.readouterr().err.strip()
