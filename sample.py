@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edm_jax.clip import cli as clip_cli
+from edm_jax.sd import cli as sd_cli
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -47,20 +48,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--workdir", help="training workdir (latest checkpoint, EMA params)")
     src.add_argument("--checkpoint", help="one checkpoint directory of a training run")
     src.add_argument("--reference-npz", help="NVlabs/edm state_dict exported to .npz (converted)")
-    p.add_argument("--sampler", default="heun", help="sampler name (see --list-samplers)")
-    p.add_argument("--steps", type=int, default=18, help="number of sampling steps")
+    p.add_argument("--sampler", default=None, help="sampler name (see --list-samplers) [heun]")
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps [18]")
     p.add_argument("--sigma-min", type=float, default=0.002)
     p.add_argument("--sigma-max", type=float, default=80.0)
     p.add_argument("--rho", type=float, default=7.0)
-    p.add_argument(
-        "--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-63 or 1,5,7-9"
-    )
-    p.add_argument("--batch", type=int, default=64, help="images per batch")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 0-63 or 1,5,7-9 [0-63]")
+    p.add_argument("--batch", type=int, default=None, help="images per batch [64]")
     p.add_argument("--class", dest="class_idx", default=None,
                    help="class index or name (folder datasets) [default: random]")  # fmt: skip
     p.add_argument("--option", action="append", default=[], metavar="K=V",
                    help="sampler option, e.g. --option s_churn=40 (see --list-samplers)")  # fmt: skip
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance [1]")
     p.add_argument(
         "--outdir", default="samples", help="where to write PNGs, grid.png and samples.npz"
     )
@@ -77,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     add_arguments(p)
     clip_cli.add_arguments(p)
+    sd_cli.add_arguments(p)  # Stable Diffusion: --checkpoint FILE.safetensors --prompt ...
     args = p.parse_args(argv)
+    sd_cli.fill_defaults(args)
     if not args.list_samplers and not (args.workdir or args.checkpoint or args.reference_npz):
         p.error("one of --workdir, --checkpoint or --reference-npz is required")
     return args
@@ -217,6 +218,9 @@ def _main(args: argparse.Namespace) -> int:
     check_numbers(args)
     clip_cli.check(args)
     options = parse_options(args.option)
+    sd_cli.check_flags(args)
+    if sd_cli.wants_sd(args):
+        return sd_cli.main(args, options, write_outputs)
     api.check_sample_args(args.sampler, args.steps, args.batch, **options)
     from edm_jax.pretrained import load_for_cli
 

@@ -26,6 +26,8 @@ def __getattr__(name: str):
         return importlib.import_module(f"edm_jax.{name}")
     if name == "log_likelihood":
         return importlib.import_module("edm_jax.likelihood").log_likelihood
+    if name == "text_to_image":  # Stable Diffusion (edm_jax.sd)
+        return importlib.import_module("edm_jax.sd").text_to_image
     raise AttributeError(f"module 'edm_jax' has no attribute {name!r}")
 
 
@@ -49,6 +51,7 @@ __all__ = [
     "sample",
     "samplers",
     "schedules",
+    "text_to_image",
     "types",
     "wrappers",
 ]
