@@ -168,6 +168,7 @@ def test_two_train_steps_match_train_py(fixtures_dir):
     state, ema = opt.init(params), params
     step = jax.jit(R.make_train_step(net, config, opt))
     d = config["dataset"]
+    previous: dict = {}  # the EMA after the step before
     for k in range(2):
         s = f"step{k}/"
         cond = R.class_cond_dropout(
