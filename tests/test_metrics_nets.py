@@ -248,10 +248,11 @@ def test_bad_weights_file_and_name(tmp_path, dino_z):
         with pytest.raises(FileNotFoundError, match=DETECTORS[name].filename) as err:
             load_detector(name, tmp_path / "nothing.npz")
         assert DETECTORS[name].url in str(err.value) and "\n" not in str(err.value)
+        assert ("convert_weights" in str(err.value)) == (name != "clip")  # CLIP's .pt is read as is
     with pytest.raises(
-        ValueError, match=r"unknown detector 'clip'; valid: \['dinov2', 'inception'\]"
+        ValueError, match=r"unknown detector 'dino'; valid: \['clip', 'dinov2', 'inception'\]"
     ):
-        load_detector("clip", None)
+        load_detector("dino", None)
     sd = {k[6:]: v for k, v in dino_z.items() if k.startswith("param/")}
     sd["blocks.2.ls1.scale"] = sd.pop("blocks.2.ls1.gamma")
     np.savez(tmp_path / "bad.npz", **sd)

@@ -210,12 +210,14 @@ def _missing_message(name: str, weights: Any) -> str:
     """One line: the file is missing, where to download it and how to convert it."""
     spec = DETECTORS[name]
     where = f"weights file not found: {weights}" if weights else f"no weights file for {name!r}"
-    return (
-        f"{where}; download {spec.filename} from {spec.url} and convert it with "
-        f"`python -m edm_jax.metrics.convert_weights {name} {spec.filename} {spec.npz_name}` "
-        f"(or pass the .pth itself, read as data without torch; default folder ${WEIGHTS_DIR_ENV} or "
-        f"~/.cache/edm_jax)"
-    )
+    if name == "clip":  # read as it is (TorchScript .pt or .safetensors)
+        how = "(read as data, without torch"
+    else:
+        how = (
+            f"and convert it with `python -m edm_jax.metrics.convert_weights {name} {spec.filename} "
+            f"{spec.npz_name}` (or pass the .pth itself, read as data without torch"
+        )
+    return f"{where}; download {spec.filename} from {spec.url} {how}; default folder ${WEIGHTS_DIR_ENV} or ~/.cache/edm_jax)"
 
 
 def default_weights(name: str) -> Path | None:
