@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 
 from edm_jax.clip import convert
@@ -50,13 +51,25 @@ def clip_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tiny_run, clip_file, fixtures_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("clip_runs")
+    PIL.Image.fromarray(np.tile(np.arange(16, dtype=np.uint8)[:, None] * 16, (1, 16))).save(
+        out / "prompt.png"
+    )
     vocab = fixtures_dir / "bpe_simple_vocab_16e6.txt.gz"
     common = ["--workdir", tiny_run, "--sampler", "dpmpp_2s_ancestral", "--steps", "4", "--no-progress",
               "--clip-weights", clip_file, "--clip-vocab", vocab]  # fmt: skip
     args = {
         "a4": ["--clip-prompt", "a handwritten zero", "--seeds", "0-3", "--batch", "4"],
         "a1": ["--clip-prompt", "a handwritten zero", "--seeds", "0-3", "--batch", "1"],
-        "b4": ["--clip-prompt", "a photo of a dog:1|text:-0.5", "--seeds", "0-3", "--batch", "4"],
+        "b4": [
+            "--clip-prompt",
+            "a photo of a dog:1|text:-0.5",
+            "--seeds",
+            "0-3",
+            "--batch",
+            "4",
+            "--clip-image-prompt",
+            f"{out / 'prompt.png'}:0.5",
+        ],
     }
     images = {}
     for name, extra in args.items():
@@ -99,6 +112,8 @@ def test_clip_flag_errors(capsys, tiny_run, clip_file, fixtures_dir, tmp_path):
     wrong = _error(capsys, *base, "--clip-weights", clip_file, "--clip-model", "ViT-B/32",
                    "--clip-vocab", fixtures_dir / "bpe_simple_vocab_16e6.txt.gz")  # fmt: skip
     assert "weights do not match the CLIP ViT-B/32: first mismatching key" in wrong
+    assert "no image file" in _error(capsys, *base, "--clip-weights", clip_file,
+                                     "--clip-image-prompt", tmp_path / "missing.png:1")  # fmt: skip
     assert "--clip-weights needs --clip-prompt" in _error(
         capsys, "--workdir", tiny_run, "--outdir", tmp_path, "--clip-weights", clip_file
     )

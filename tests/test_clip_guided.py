@@ -79,6 +79,18 @@ def test_image_pipeline(fx, size):
     np.testing.assert_allclose(loss, z[f"pipe_{size}_loss"], rtol=2e-5)
 
 
+def test_image_prompt_targets(fx, tmp_path):
+    """Image prompts: the guidance's embedding of each whole image (the fixture's pipeline)."""
+    z, config, params, _ = fx
+    images = [(jnp.asarray(nhwc(z["pipe_16_augmented"][i : i + 1]))) for i in range(2)]
+    targets = G.image_targets(params, config, images)
+    ref = z["pipe_16_embed_normalized"][:2]
+    assert targets.shape == ref.shape and np.abs(targets - ref).max() <= 2e-5 * np.abs(ref).max()
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="is not an image PIL can read"):
+        G.load_image01(tmp_path / "x.png")
+
+
 def test_resize_rows_sum_to_one_and_identity():
     for a, b in [(16, 32), (64, 32), (48, 32), (7, 3)]:
         np.testing.assert_allclose(G.resize_matrix(a, b).sum(1), 1, atol=1e-6)

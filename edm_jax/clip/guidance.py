@@ -11,7 +11,8 @@ denoiser) moves D by ``-grad * sigma**2``; the sampler sees ``clamp(D', -1, 1)``
 clip_params)``. Its translations come from the per-seed key ``sample()`` hands it (folded
 with the noise level), so a seed's image does not depend on the rest of the batch.
 Several weighted prompts (``"a:1|b:-0.5"``, weights normalised by |sum| as v-diffusion's
-``clip_sample.py``) pull towards and away from texts.
+``clip_sample.py``) pull towards and away from texts; image prompts (``image_targets``) are
+targets too.
 """
 
 from __future__ import annotations
@@ -251,3 +252,29 @@ def text_targets(
     """Normalised text embeddings [P, D] (``F.normalize(encode_text(tokenize(p)))``)."""
     tokens = jnp.asarray(tokenizer(prompts, config.context_length))
     return np.asarray(clip_model.l2_normalize(clip_model.encode_text(clip_params, config, tokens)))
+
+
+def load_image01(path) -> np.ndarray:
+    """An image file as float32 RGB in [0, 1], [1, H, W, 3] (PIL ``convert('RGB')``)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as img:
+            return (np.asarray(img.convert("RGB"), np.float32) / 255.0)[None]
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"CLIP image prompt {str(path)!r} is not an image PIL can read") from None
+
+
+def image_targets(clip_params, config: clip_model.CLIPConfig, images01: list) -> np.ndarray:
+    """Normalised image embeddings [P, D] of image prompts (each [1, H, W, C] in [0, 1]),
+    as v-diffusion's ``clip_sample.py`` image prompts but the whole image resized to CLIP's
+    input (the guidance's resize; no cutouts)."""
+
+    def one(img):
+        return image_embed(
+            lambda a: clip_model.encode_image(clip_params, config, a),
+            jnp.asarray(img),
+            config.image_resolution,
+        )[0]
+
+    return np.stack([np.asarray(one(img)) for img in images01])
