@@ -111,7 +111,7 @@ def test_clip_flag_errors(capsys, tiny_run, clip_file, fixtures_dir, tmp_path):
     )
     wrong = _error(capsys, *base, "--clip-weights", clip_file, "--clip-model", "ViT-B/32",
                    "--clip-vocab", fixtures_dir / "bpe_simple_vocab_16e6.txt.gz")  # fmt: skip
-    assert "weights do not match the CLIP ViT-B/32: first mismatching key" in wrong
+    assert "state_dict does not match the CLIP ViT-B/32: first mismatching key" in wrong
     assert "no image file" in _error(capsys, *base, "--clip-weights", clip_file,
                                      "--clip-image-prompt", tmp_path / "missing.png:1")  # fmt: skip
     assert "--clip-weights needs --clip-prompt" in _error(

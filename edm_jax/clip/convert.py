@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from edm_jax.clip import model as clip_model
+from edm_jax.nets.convert_openai import check_shapes
 from edm_jax.nets.reader import read_state_dict
 
 _NOT_PARAMS = re.compile(
@@ -74,26 +75,6 @@ def name_map(shapes: Any) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ..
     return out
 
 
-def _check(sd: dict[str, np.ndarray], expected: dict[str, tuple], what: str) -> None:
-    """One ValueError naming the first key that does not fit."""
-    missing = [k for k in expected if k not in sd]
-    for k, v in sd.items():
-        if k not in expected:
-            raise ValueError(
-                f"weights do not match the {what}: first mismatching key {k!r} is not one of its "
-                f"parameters ({sum(x not in expected for x in sd)} unexpected, {len(missing)} missing)"
-            )
-        if tuple(np.shape(v)) != expected[k][2]:
-            raise ValueError(
-                f"weights do not match the {what}: first mismatching key {k!r} has shape "
-                f"{tuple(np.shape(v))}, expected {expected[k][2]}"
-            )
-    if missing:
-        raise ValueError(
-            f"weights do not match the {what}: first missing key {missing[0]!r} ({len(missing)} missing)"
-        )
-
-
 def text_shapes(config: clip_model.CLIPConfig, projection: bool = True) -> dict:
     """Shapes of a text tower's params (no image tower)."""
     tower = clip_model.text_tower(config, projection=projection)
@@ -121,7 +102,7 @@ def from_state_dict(
         sd = {k: v for k, v in sd.items() if not k.startswith("visual.") and k != "logit_scale"}
         if not projection:
             sd.pop("text_projection", None)
-    _check(sd, expected, what)
+    check_shapes(sd, {k: v[2] for k, v in expected.items()}, what)
     flat = {
         path: np.array(_from_torch(layout, np.asarray(sd[key], np.float32)), order="C")
         for key, (path, layout, _) in expected.items()

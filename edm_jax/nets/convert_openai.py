@@ -203,7 +203,12 @@ def check_state_dict(
     expected: {name: shape} the network converts from (default: ``reference_shapes(net)``).
     """
     expected = reference_shapes(net) if expected is None else expected
-    what = f"{family or type(net).__name__} network"
+    check_shapes(state_dict, expected, f"{family or type(net).__name__} network")
+
+
+def check_shapes(state_dict: dict[str, np.ndarray], expected: dict, what: str) -> None:
+    """One ValueError naming the first key of state_dict that is not in expected {name: shape}
+    or has another shape, else the first missing one; ``what`` names the model."""
     extra = [k for k in state_dict if k not in expected]
     missing = [k for k in expected if k not in state_dict]
     for k, v in state_dict.items():
@@ -212,10 +217,10 @@ def check_state_dict(
                 f"state_dict does not match the {what}: first mismatching key {k!r} is not "
                 f"one of its parameters ({len(extra)} unexpected, {len(missing)} missing)"
             )
-        if tuple(np.shape(v)) != expected[k]:
+        if tuple(np.shape(v)) != tuple(expected[k]):
             raise ValueError(
                 f"state_dict does not match the {what}: first mismatching key {k!r} has "
-                f"shape {tuple(np.shape(v))}, expected {expected[k]}"
+                f"shape {tuple(np.shape(v))}, expected {tuple(expected[k])}"
             )
     if missing:
         raise ValueError(
