@@ -239,8 +239,87 @@ def _uniform(rng, shape, lo=0.0, hi=1.0):
     return jax.random.uniform(rng, tuple(shape), float_dtype(), lo, hi)
 
 
+def stratified_uniform(u: Array, group: int = 0, groups: int = 1) -> Array:
+    """k-diffusion's stratified draw over the last axis: (arange(group, n, groups) + u) / n with
+    n = u.shape[-1] * groups (``K.utils.stratified_uniform``; one process: group 0 of 1)."""
+    n = u.shape[-1] * groups
+    return (jnp.arange(group, n, groups, dtype=u.dtype) + u) / n
+
+
+def _cast(x: Array) -> Array:
+    return jnp.asarray(x, float_dtype())
+
+
+# Each density of k-diffusion's K.utils.rand_* as the map of its uniform draw u in [0, 1)
+# (the inverse CDF); the rng forms below draw u and apply it, so the two never differ.
+
+
+def lognormal_icdf(u: Array, P_mean=-1.2, P_std=1.2) -> Array:
+    """ln(sigma) = Normal(P_mean, P_std).icdf(u (1 - 2e-7) + 1e-7) (K.utils.rand_log_normal)."""
+    u = _cast(u) * (1 - 2e-7) + 1e-7
+    return jnp.exp(P_mean + P_std * math.sqrt(2) * jax.scipy.special.erfinv(2 * u - 1))
+
+
+def loglogistic_icdf(u: Array, loc=0.0, scale=1.0, min_value=0.0, max_value=math.inf) -> Array:
+    """ln(sigma) ~ Logistic(loc, scale) truncated to [min_value, max_value]."""
+    cdf = lambda v: jax.nn.sigmoid((jnp.log(jnp.asarray(v, float_dtype())) - loc) / scale)  # noqa: E731
+    u = _cast(u) * (cdf(max_value) - cdf(min_value)) + cdf(min_value)
+    return jnp.exp(jax.scipy.special.logit(u) * scale + loc)
+
+
+def loguniform_icdf(u: Array, min_value, max_value) -> Array:
+    """ln(sigma) ~ U(ln min_value, ln max_value)."""
+    lo, hi = math.log(min_value), math.log(max_value)
+    return jnp.exp(_cast(u) * (hi - lo) + lo)
+
+
+def v_diffusion_icdf(u: Array, sigma_data=1.0, min_value=0.0, max_value=math.inf) -> Array:
+    """Cosine (v-diffusion) density: atan(sigma/sigma_data) ~ U, truncated to [min, max]."""
+    min_cdf = math.atan(min_value / sigma_data) * 2 / math.pi
+    max_cdf = math.atan(max_value / sigma_data) * 2 / math.pi
+    return jnp.tan((_cast(u) * (max_cdf - min_cdf) + min_cdf) * math.pi / 2) * sigma_data
+
+
+def split_lognormal_from(n: Array, u: Array, loc=0.0, scale_1=1.0, scale_2=1.0) -> Array:
+    """Split lognormal from |N| draws n and uniforms u (K.utils.rand_split_log_normal)."""
+    n = jnp.abs(_cast(n))
+    left = _cast(u) < scale_1 / (scale_1 + scale_2)
+    return jnp.exp(jnp.where(left, loc - n * scale_1, loc + n * scale_2))
+
+
+def _logsnr_cosine(t, logsnr_min, logsnr_max):
+    t_min = math.atan(math.exp(-0.5 * logsnr_max))
+    t_max = math.atan(math.exp(-0.5 * logsnr_min))
+    return -2 * jnp.log(jnp.tan(t_min + t * (t_max - t_min)))
+
+
+def cosine_interpolated_icdf(u: Array, image_d, noise_d_low, noise_d_high, sigma_data=1.0,
+                             min_value=1e-3, max_value=1e3) -> Array:  # fmt: skip
+    """Simple-diffusion's shifted cosine log-SNR, interpolated between two noise_d's in t = u."""
+    logsnr_min = -2 * math.log(min_value / sigma_data)
+    logsnr_max = -2 * math.log(max_value / sigma_data)
+
+    def shifted(t, noise_d):
+        shift = 2 * math.log(noise_d / image_d)
+        return _logsnr_cosine(t, logsnr_min - shift, logsnr_max - shift) + shift
+
+    t = _cast(u)
+    logsnr = (1 - t) * shifted(t, noise_d_low) + t * shifted(t, noise_d_high)
+    return jnp.exp(-logsnr / 2) * sigma_data
+
+
+def vp_uniform_icdf(u: Array, beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, epsilon_t=1e-5) -> Array:
+    """VP loss density: sigma(t) with t = 1 + u (epsilon_t - 1) (NVlabs/edm VPLoss)."""
+    return VPSchedule(beta_d, beta_min).sigma(1 + _cast(u) * (epsilon_t - 1))
+
+
+def ve_uniform_icdf(u: Array, sigma_min=0.02, sigma_max=100.0) -> Array:
+    """VE loss density: sigma = min (max/min)^u (NVlabs/edm VELoss)."""
+    return sigma_min * (sigma_max / sigma_min) ** _cast(u)
+
+
 def lognormal(rng: Array, shape: Shape, P_mean=-1.2, P_std=1.2) -> Array:
-    """EDM training density: ln(sigma) ~ N(P_mean, P_std^2) (EDM Table 1)."""
+    """EDM training density: ln(sigma) ~ N(P_mean, P_std^2) (EDM Table 1: a normal draw)."""
     check_positive("P_std", P_std)
     return jnp.exp(P_mean + P_std * jax.random.normal(rng, tuple(shape), float_dtype()))
 
@@ -251,15 +330,13 @@ def loglogistic(
     """ln(sigma) ~ Logistic(loc, scale), optionally truncated to [min_value, max_value]."""
     check_positive("scale", scale)
     check_positive("min_value", min_value, allow_zero=True)
-    cdf = lambda v: jax.nn.sigmoid((jnp.log(jnp.asarray(v, float_dtype())) - loc) / scale)  # noqa: E731
-    u = _uniform(rng, shape, 0.0, 1.0) * (cdf(max_value) - cdf(min_value)) + cdf(min_value)
-    return jnp.exp(jax.scipy.special.logit(u) * scale + loc)
+    return loglogistic_icdf(_uniform(rng, shape), loc, scale, min_value, max_value)
 
 
 def loguniform(rng: Array, shape: Shape, min_value, max_value) -> Array:
     """ln(sigma) ~ U(ln min_value, ln max_value)."""
     check_range(min_value, max_value, ("min_value", "max_value"))
-    return jnp.exp(_uniform(rng, shape, math.log(min_value), math.log(max_value)))
+    return loguniform_icdf(_uniform(rng, shape), min_value, max_value)
 
 
 def v_diffusion(
@@ -267,10 +344,7 @@ def v_diffusion(
 ) -> Array:
     """Cosine (v-diffusion) density: atan(sigma/sigma_data) ~ U, truncated to [min, max]."""
     check_positive("sigma_data", sigma_data)
-    min_cdf = math.atan(min_value / sigma_data) * 2 / math.pi
-    max_cdf = math.atan(max_value / sigma_data) * 2 / math.pi
-    u = _uniform(rng, shape, min_cdf, max_cdf)
-    return jnp.tan(u * math.pi / 2) * sigma_data
+    return v_diffusion_icdf(_uniform(rng, shape), sigma_data, min_value, max_value)
 
 
 def split_lognormal(rng: Array, shape: Shape, loc=0.0, scale_1=1.0, scale_2=1.0) -> Array:
@@ -278,16 +352,8 @@ def split_lognormal(rng: Array, shape: Shape, loc=0.0, scale_1=1.0, scale_2=1.0)
     check_positive("scale_1", scale_1)
     check_positive("scale_2", scale_2)
     k_n, k_u = jax.random.split(rng)
-    n = jnp.abs(jax.random.normal(k_n, tuple(shape), float_dtype()))
-    u = _uniform(k_u, shape)
-    left = u < scale_1 / (scale_1 + scale_2)
-    return jnp.exp(jnp.where(left, loc - n * scale_1, loc + n * scale_2))
-
-
-def _logsnr_cosine(t, logsnr_min, logsnr_max):
-    t_min = math.atan(math.exp(-0.5 * logsnr_max))
-    t_max = math.atan(math.exp(-0.5 * logsnr_min))
-    return -2 * jnp.log(jnp.tan(t_min + t * (t_max - t_min)))
+    n = jax.random.normal(k_n, tuple(shape), float_dtype())
+    return split_lognormal_from(n, _uniform(k_u, shape), loc, scale_1, scale_2)
 
 
 def cosine_interpolated(
@@ -308,16 +374,9 @@ def cosine_interpolated(
         ("noise_d_high", noise_d_high),
     ):
         check_positive(name, v)
-    logsnr_min = -2 * math.log(min_value / sigma_data)
-    logsnr_max = -2 * math.log(max_value / sigma_data)
-
-    def shifted(t, noise_d):
-        shift = 2 * math.log(noise_d / image_d)
-        return _logsnr_cosine(t, logsnr_min - shift, logsnr_max - shift) + shift
-
-    t = _uniform(rng, shape)
-    logsnr = (1 - t) * shifted(t, noise_d_low) + t * shifted(t, noise_d_high)
-    return jnp.exp(-logsnr / 2) * sigma_data
+    return cosine_interpolated_icdf(
+        _uniform(rng, shape), image_d, noise_d_low, noise_d_high, sigma_data, min_value, max_value
+    )
 
 
 def vp_uniform(
@@ -325,14 +384,13 @@ def vp_uniform(
 ) -> Array:
     """VP loss density: sigma(t) with t ~ U(epsilon_t, 1) (NVlabs/edm VPLoss)."""
     check_positive("epsilon_t", epsilon_t)
-    t = 1 + _uniform(rng, shape) * (epsilon_t - 1)
-    return VPSchedule(beta_d, beta_min).sigma(t)
+    return vp_uniform_icdf(_uniform(rng, shape), beta_d, beta_min, epsilon_t)
 
 
 def ve_uniform(rng: Array, shape: Shape, sigma_min=0.02, sigma_max=100.0) -> Array:
     """VE loss density: sigma = min (max/min)^u, u ~ U(0, 1) (NVlabs/edm VELoss)."""
     check_range(sigma_min, sigma_max)
-    return sigma_min * (sigma_max / sigma_min) ** _uniform(rng, shape)
+    return ve_uniform_icdf(_uniform(rng, shape), sigma_min, sigma_max)
 
 
 DENSITIES: dict[str, Callable[..., Array]] = {
@@ -347,7 +405,28 @@ DENSITIES: dict[str, Callable[..., Array]] = {
 }
 
 
-def sample_sigmas(name: str, rng: Array, shape: Shape, **kwargs) -> Array:
-    """Draw training sigmas from the density `name`."""
+# The densities as maps of one uniform draw (all but split_lognormal, which k-diffusion draws
+# without stratification): what ``stratified=True`` applies to stratified uniforms.
+ICDFS: dict[str, Callable[..., Array]] = {
+    "lognormal": lognormal_icdf,
+    "loglogistic": loglogistic_icdf,
+    "loguniform": loguniform_icdf,
+    "v_diffusion": v_diffusion_icdf,
+    "cosine_interpolated": cosine_interpolated_icdf,
+    "vp_uniform": vp_uniform_icdf,
+    "ve_uniform": ve_uniform_icdf,
+}
+
+
+def sample_sigmas(name: str, rng: Array, shape: Shape, stratified: bool = False, **kwargs) -> Array:
+    """Draw training sigmas from the density `name`.
+
+    ``stratified``: k-diffusion's training draw (one process), u = (arange(B) + U) / B over
+    the last axis mapped through the density's inverse CDF (split_lognormal is drawn as
+    without, as k-diffusion does). Options are checked as by the rng forms.
+    """
     check_choice("sigma density", name, DENSITIES)
-    return DENSITIES[name](rng, shape, **kwargs)
+    if not stratified or name not in ICDFS:
+        return DENSITIES[name](rng, shape, **kwargs)
+    jax.eval_shape(lambda: DENSITIES[name](rng, shape, **kwargs))  # the same option checks
+    return ICDFS[name](stratified_uniform(_uniform(rng, shape)), **kwargs)

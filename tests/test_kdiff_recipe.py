@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edm_jax import schedules
 from edm_jax.train import kdiff_recipe as R
 
 TYPES = {
@@ -63,10 +64,66 @@ def test_class_dropout_and_stratified(fx):
     )
     assert got.tolist() == c["class_cond"]
     for case in fx["stratified_uniform"]:
-        out = R.stratified_uniform(
+        out = schedules.stratified_uniform(
             jnp.asarray(case["u"], jnp.float32), case["group"], case["groups"]
         )
         np.testing.assert_allclose(out, case["out"], rtol=1e-6)
+
+
+DENSITY_FNS = {  # K.utils.rand_* -> config sigma_sample_density type
+    "rand_log_normal": "lognormal", "rand_log_logistic": "loglogistic",
+    "rand_log_uniform": "loguniform", "rand_v_diffusion": "v-diffusion",
+    "rand_split_log_normal": "split-lognormal", "rand_cosine_interpolated": "cosine-interpolated",
+}  # fmt: skip
+
+
+def _literal(value):
+    import ast
+
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def _density_case(case, dtype):
+    """Our sigmas for one recorded K.utils.rand_* call: its draws through our density maps."""
+    kwargs, draws = _literal(case["kwargs"]), _literal(case["draws"])
+    model = {"sigma_sample_density": {"type": DENSITY_FNS[case["fn"]], **kwargs},
+             "sigma_data": kwargs.get("sigma_data", 1.0), "sigma_min": 1e-2, "sigma_max": 80.0,
+             "input_size": [kwargs.get("image_d", 32)] * 2}  # fmt: skip
+    name, options = R.sample_density(model)
+    values = [jnp.asarray(d["values"], dtype) for d in draws]
+    if name == "split_lognormal":  # drawn without stratification, as k-diffusion does
+        return schedules.split_lognormal_from(*values, **options)
+    strat = _literal(case["stratified"])
+    u = values[0] if strat is None else schedules.stratified_uniform(values[0], **strat)
+    if name == "lognormal" and dtype == jnp.float64:  # torch's Normal rounds loc/scale to float32
+        options = {k: float(np.float32(v)) for k, v in options.items()}
+    return schedules.ICDFS[name](u, **options)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sigma_densities_from_recorded_draws(fx, dtype, request):
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    cases = [c for c in fx["sigma_densities"]["cases"] if c["dtype"] == dtype]
+    assert len(cases) == 14
+    for case in cases:
+        got = np.asarray(_density_case(case, jnp.dtype(dtype)))
+        want = np.asarray(_literal(case["out"]), np.float64)
+        tol = 5e-6 if dtype == "float32" else 1e-12
+        np.testing.assert_allclose(got, want, rtol=tol, atol=0, err_msg=f"{case['fn']} {case['stratified']}")
+
+
+def test_sample_density_options_as_k_diffusion(fx):
+    for m, want in fx["make_sample_density"].items():
+        kw = want["kwargs"]  # the model's size and sigma_data; the rest are make_sample_density's
+        model = {"input_size": [kw["image_d"]] * 2, "sigma_data": kw["sigma_data"],
+                 "sigma_min": 1e-2, "sigma_max": 80.0,
+                 "sigma_sample_density": want["sigma_sample_density"]}  # fmt: skip
+        name, options = R.sample_density(model)
+        assert name == DENSITY_FNS[want["fn"]].replace("-", "_")
+        assert options == want["kwargs"]
+    with pytest.raises(ValueError, match="unknown sigma_sample_density type 'uniform'; valid: "):
+        R.sample_density({"sigma_sample_density": {"type": "uniform"}, "sigma_data": 1.0})
 
 
 def test_gradient_noise_scale(fx):

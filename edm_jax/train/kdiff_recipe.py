@@ -38,6 +38,10 @@ Array = jax.Array
 TRANSFORMER_NO_WD = ("time_in_proj.", "aug_in_proj.", "class_emb.", "mapping_cond_in_proj.")
 MAPPING_LR_FACTOR = 1 / 3
 LR_SCHEDULES = ("inverse", "exponential", "constant")
+SAMPLE_DENSITIES = (
+    "lognormal", "loglogistic", "loguniform", "v-diffusion", "cosine", "split-lognormal",
+    "cosine-interpolated",
+)  # fmt: skip
 
 
 def param_group(model_type: str, name: str) -> int:
@@ -130,11 +134,38 @@ def class_cond_dropout(labels: Array, u: Array, rate: float, num_classes: int) -
     return jnp.where(u < rate, num_classes, labels)
 
 
-def stratified_uniform(u: Array, group: int = 0, groups: int = 1) -> Array:
-    """k-diffusion's stratified draw over the last axis: (arange(group, n, groups) + u) / n, n =
-    u.shape[-1] * groups."""
-    n = u.shape[-1] * groups
-    return (jnp.arange(group, n, groups, dtype=u.dtype) + u) / n
+def sample_density(model: dict) -> tuple[str, dict]:
+    """(density of ``schedules.DENSITIES``, options) of a loaded config's model section, as
+    ``K.config.make_sample_density`` builds it (its key aliases and defaults)."""
+    sd, sigma_data = model["sigma_sample_density"], model["sigma_data"]
+    kind = sd.get("type")
+    get = lambda key, alias, default=None: sd.get(alias, sd.get(key, default))  # noqa: E731
+    if kind == "lognormal":
+        return "lognormal", {"P_mean": get("loc", "mean"), "P_std": get("scale", "std")}
+    if kind == "loglogistic":
+        return "loglogistic", {"loc": sd.get("loc", math.log(sigma_data)), "scale": sd.get("scale", 0.5),
+                               "min_value": sd.get("min_value", 0.0),
+                               "max_value": sd.get("max_value", math.inf)}  # fmt: skip
+    if kind == "loguniform":
+        return "loguniform", {"min_value": sd.get("min_value", model["sigma_min"]),
+                              "max_value": sd.get("max_value", model["sigma_max"])}  # fmt: skip
+    if kind in ("v-diffusion", "cosine"):
+        return "v_diffusion", {"sigma_data": sigma_data, "min_value": sd.get("min_value", 1e-3),
+                               "max_value": sd.get("max_value", 1e3)}  # fmt: skip
+    if kind == "split-lognormal":
+        return "split_lognormal", {"loc": get("loc", "mean"), "scale_1": get("scale_1", "std_1"),
+                                   "scale_2": get("scale_2", "std_2")}  # fmt: skip
+    if kind == "cosine-interpolated":
+        size = max(model["input_size"])
+        return "cosine_interpolated", {
+            "image_d": sd.get("image_d", size), "noise_d_low": sd.get("noise_d_low", 32),
+            "noise_d_high": sd.get("noise_d_high", size), "sigma_data": sigma_data,
+            "min_value": sd.get("min_value", min(model["sigma_min"], 1e-3)),
+            "max_value": sd.get("max_value", max(model["sigma_max"], 1e3)),
+        }  # fmt: skip
+    raise ValueError(
+        f"unknown sigma_sample_density type {kind!r}; valid: {', '.join(SAMPLE_DENSITIES)}"
+    )
 
 
 @dataclasses.dataclass
