@@ -114,7 +114,7 @@ def test_sigma_densities_from_recorded_draws(fx, dtype, request):
 
 
 def test_sample_density_options_as_k_diffusion(fx):
-    for m, want in fx["make_sample_density"].items():
+    for want in fx["make_sample_density"].values():
         kw = want["kwargs"]  # the model's size and sigma_data; the rest are make_sample_density's
         model = {"input_size": [kw["image_d"]] * 2, "sigma_data": kw["sigma_data"],
                  "sigma_min": 1e-2, "sigma_max": 80.0,
