@@ -110,7 +110,9 @@ def test_sigma_densities_from_recorded_draws(fx, dtype, request):
         got = np.asarray(_density_case(case, jnp.dtype(dtype)))
         want = np.asarray(_literal(case["out"]), np.float64)
         tol = 5e-6 if dtype == "float32" else 1e-12
-        np.testing.assert_allclose(got, want, rtol=tol, atol=0, err_msg=f"{case['fn']} {case['stratified']}")
+        np.testing.assert_allclose(
+            got, want, rtol=tol, atol=0, err_msg=f"{case['fn']} {case['stratified']}"
+        )
 
 
 def test_sample_density_options_as_k_diffusion(fx):
