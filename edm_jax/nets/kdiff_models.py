@@ -23,6 +23,7 @@ from edm_jax.nets import convert_kdiff
 from edm_jax.nets.kdiff_hdit import AttnSpec, HDiT, LevelSpec, MappingSpec
 from edm_jax.nets.kdiff_image_v1 import ImageDenoiserV1
 from edm_jax.nets.kdiff_transformer_v1 import ImageTransformerV1
+from edm_jax.nets.model import count_params
 from edm_jax.precond import EDMPrecond
 from edm_jax.precond import make_denoiser as _make_denoiser
 
@@ -127,14 +128,23 @@ def state_dict_prefix(config: dict) -> str:
     return "inner_model." if m["type"] == "image_v1" and m.get("augment_wrapper", True) else ""
 
 
-def make_denoiser(model, config: dict) -> Callable[..., Array]:
-    """denoise(params, x, sigma, **cond) = c_skip x + c_out F(c_in x; ln(sigma)/4) (K.layers.Denoiser)."""
+def make_denoiser(
+    model, config: dict, train: bool = False, rng: Array | None = None
+) -> Callable[..., Array]:
+    """denoise(params, x, sigma, **cond) = c_skip x + c_out F(c_in x; ln(sigma)/4) (K.layers.Denoiser);
+    ``train`` runs dropout with the key ``rng``."""
     sigma_data = config["model"].get("sigma_data", 1.0)
+    rngs = {"dropout": rng} if train and rng is not None else {}
 
     def apply_fn(params, x_in, c_noise, **cond):
-        return model.apply({"params": params}, x_in, c_noise, **cond)
+        return model.apply({"params": params}, x_in, c_noise, **cond, train=train, rngs=rngs)
 
     return _make_denoiser(apply_fn, EDMPrecond(sigma_data=sigma_data))
+
+
+def class_cond_dropout(labels: Array, u: Array, rate: float, num_classes: int) -> Array:
+    """``labels`` with those whose ``u < rate`` set to the null class ``num_classes`` (train.py)."""
+    return jax.numpy.where(u < rate, num_classes, labels)
 
 
 def from_inference(
@@ -175,6 +185,9 @@ class KDiffusionModel:
 
     net: Any
     config: dict
+    self_cond = False  # the training step's interface: no self-conditioning, no latent encoder
+    encoder = None
+    class_names: tuple = ()
 
     @property
     def precond(self) -> EDMPrecond:
@@ -207,15 +220,40 @@ class KDiffusionModel:
         idx = jax.numpy.argmax(labels, axis=-1).astype(jax.numpy.int32)
         return jax.numpy.where(jax.numpy.any(labels != 0, axis=-1), idx, self.label_dim)
 
-    def denoise(self, params, x, sigma, labels=None, augment_labels=None, **cond) -> Array:
-        """D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma)/4), float32 NHWC."""
+    @property
+    def cond_dropout_rate(self) -> float:
+        """Training: the fraction of class labels replaced by the null class (dataset section)."""
+        return (
+            float(self.config["dataset"].get("cond_dropout_rate", 0.1)) if self.label_dim else 0.0
+        )
+
+    def num_params(self, params: Any) -> int:
+        """Trainable parameters (k-diffusion's count: buffers excluded)."""
+        return count_params(params)
+
+    def denoise(self, params, x, sigma, labels=None, augment_labels=None, *, train: bool = False,
+                rng: Array | None = None, **cond) -> Array:  # fmt: skip
+        """D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma)/4), float32 NHWC.
+
+        ``train``: dropout, and class labels dropped to the null class at cond_dropout_rate
+        (k-diffusion's train.py), with the key ``rng``.
+        """
         if self.label_dim and labels is None:
             raise ValueError(f"labels are required: the model has {self.label_dim} classes")
+        if train and rng is None:
+            raise ValueError("training needs a dropout key: denoise(..., train=True, rng=key)")
+        if train:
+            rng, k_drop = jax.random.split(rng)
         if self.label_dim:
             cond["class_cond"] = self.class_index(labels)
+            if train and self.cond_dropout_rate > 0:
+                u = jax.random.uniform(k_drop, cond["class_cond"].shape)
+                cond["class_cond"] = class_cond_dropout(
+                    cond["class_cond"], u, self.cond_dropout_rate, self.label_dim
+                )
         if augment_labels is not None:
             cond["aug_cond"] = augment_labels
-        return make_denoiser(self.net, self.config)(params, x, sigma, **cond)
+        return make_denoiser(self.net, self.config, train, rng)(params, x, sigma, **cond)
 
 
 def from_config(config: dict) -> KDiffusionModel:

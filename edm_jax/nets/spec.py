@@ -15,11 +15,25 @@ from typing import Any
 from edm_jax.nets.model import DiffusionModel
 from edm_jax.nets.presets import build_model, net_fields, resolve_arch
 
-__all__ = ["build_model_from_config", "model_from_spec", "resolved_spec", "spec_from_config"]
+__all__ = [
+    "KDIFF_ARCH",
+    "build_model_from_config",
+    "model_from_spec",
+    "resolved_spec",
+    "spec_from_config",
+]
+
+
+KDIFF_ARCH = "kdiffusion"  # model.arch of a k-diffusion JSON config (model.kdiff_config)
 
 
 def spec_from_config(config: Any, source: Any) -> dict:
-    """Everything build_model needs (JSON) for config.model on this data source."""
+    """Everything build_model needs (JSON) for config.model on this data source.
+
+    A k-diffusion network's spec is its loaded k-diffusion config, as its checkpoints carry it.
+    """
+    if config.model.arch == KDIFF_ARCH:
+        return {"version": 1, "arch": KDIFF_ARCH, "config": json.loads(config.model.kdiff_config)}
     from edm_jax.data.augment import augment_dim  # the data package (grain): training only
 
     _, fields = resolve_arch(config.model.arch)
@@ -39,8 +53,12 @@ def spec_from_config(config: Any, source: Any) -> dict:
     }))  # fmt: skip
 
 
-def model_from_spec(spec: dict) -> DiffusionModel:
-    """The DiffusionModel described by a spec (a checkpoint's model_spec item)."""
+def model_from_spec(spec: dict) -> Any:
+    """The DiffusionModel (or KDiffusionModel) described by a spec (a checkpoint's model_spec)."""
+    if spec.get("arch") == KDIFF_ARCH:
+        from edm_jax.nets.kdiff_models import from_config
+
+        return from_config(spec["config"])
     spec = dict(spec)
     net = spec.pop("net")
     spec.pop("version", None)
@@ -59,6 +77,8 @@ def build_model_from_config(config: Any, source: Any) -> DiffusionModel:
 
 def resolved_spec(spec: dict) -> dict:
     """A model spec with every settable field of its network filled (defaults included)."""
+    if spec.get("arch") == KDIFF_ARCH:  # its config is already filled (load_config)
+        return spec
     net_cls, preset = resolve_arch(spec["arch"])
     settable = set(net_fields(net_cls))
     defaults = {

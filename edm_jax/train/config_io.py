@@ -47,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
         img_resolution=0,  # 0: data.resolution
         net=ml_collections.ConfigDict(),  # network field overrides (model_channels, ...)
         precond_kwargs=ml_collections.ConfigDict(),
+        kdiff_config="",  # arch 'kdiffusion': the loaded k-diffusion JSON config (its model)
     )  # fmt: skip
     # loss: a preset (edm/vp/ve) whose sigma density and weighting can be replaced
     # ('' keeps the preset's); kwargs: the density's options, sigma_data, uncertainty.

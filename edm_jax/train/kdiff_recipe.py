@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from edm_jax import losses
 from edm_jax.nets.convert_kdiff import torch_name
+from edm_jax.nets.kdiff_models import class_cond_dropout  # noqa: F401 - the recipe's piece
 from edm_jax.nets.model import is_buffer
 from edm_jax.schedules import float_dtype
 
@@ -127,11 +128,6 @@ def adamw(
         return updates, state
 
     return optax.GradientTransformation(init, update)
-
-
-def class_cond_dropout(labels: Array, u: Array, rate: float, num_classes: int) -> Array:
-    """``labels`` with those whose ``u < rate`` set to the null class ``num_classes``."""
-    return jnp.where(u < rate, num_classes, labels)
 
 
 def sample_density(model: dict) -> tuple[str, dict]:
