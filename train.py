@@ -1,5 +1,9 @@
 """Train an EDM-style diffusion model: python train.py --config configs/digits.py --workdir runs/x.
 
+k-diffusion's config files train as they are: python train.py --config config_mnist.json
+--name RUN (--name is the workdir); --grow-from WORKDIR starts a fresh image_v1 run from the
+EMA of a smaller one (progressive growing).
+
 Overrides: --config.train.batch_size=64; variants: --config configs/cifar10.py:arch=ncsnpp;
 YAML/JSON configs: --config my.yaml. Multi-host: --coordinator_address/--num_processes/
 --process_id or the JAX_* environment variables.
@@ -20,6 +24,10 @@ from edm_jax.train import config_io
 
 CONFIG = config_io.define_config_flag("config", default="configs/digits.py")
 WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "run directory (checkpoints, logs)")
+NAME = flags.DEFINE_string("name", None, "k-diffusion's run name: the run directory (--workdir)")
+GROW = flags.DEFINE_string(
+    "grow-from", None, "k-diffusion image_v1: start from the EMA of the smaller run in this workdir"
+)
 COORD = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 NPROC = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 PID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -88,11 +96,20 @@ def main(argv):
 
     maybe_initialize(COORD.value, NPROC.value, PID.value, auto=AUTO.value)
     try:
-        train(CONFIG.value, WORKDIR.value, stop_at_step=STOP.value)
+        train(CONFIG.value, _workdir(), stop_at_step=STOP.value, grow_from=GROW.value)
     except (NonFiniteLossError, CheckpointSaveError, WorkdirLockedError, *USER_ERRORS) as e:
         if DEBUG.value:
             raise
         _quiet_exit(2 if isinstance(e, (WorkdirLockedError, *USER_ERRORS)) else 1, _one_line(e))
+
+
+def _workdir() -> str:
+    """--workdir, or k-diffusion's --name (both given and different: an error)."""
+    if NAME.value is None:
+        return WORKDIR.value
+    if flags.FLAGS["workdir"].present and WORKDIR.value != NAME.value:
+        raise ValueError(f"--name={NAME.value!r} and --workdir={WORKDIR.value!r}: give one of them")
+    return NAME.value
 
 
 def _quiet_exit(code: int, line: str) -> None:

@@ -66,6 +66,7 @@ class LossSpec:
     weighting: Weighting = "karras"
     sigma_data: float = 0.5
     uncertainty: bool = False
+    stratified: bool = False  # k-diffusion: u = (arange(B) + U) / B through the density's icdf
 
     def __post_init__(self):
         check_choice("loss density", self.density, schedules.DENSITIES)
@@ -142,7 +143,9 @@ def diffusion_loss(
     """The denoising loss of `spec`: sigma from its density, lambda from its weighting."""
     k_sigma, k_noise = jax.random.split(rng)
     shape = batch["image"].shape[:1]
-    sigma = schedules.sample_sigmas(spec.density, k_sigma, shape, **spec.density_kwargs)
+    sigma = schedules.sample_sigmas(
+        spec.density, k_sigma, shape, stratified=spec.stratified, **spec.density_kwargs
+    )
     lam = weight(spec.weighting, sigma, spec.sigma_data)
     return denoising_loss(
         k_noise, params, batch, sigma, lam, denoise=denoise, uncertainty=spec.uncertainty
@@ -212,7 +215,7 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-LOSS_OPTIONS = ("sigma_data", "uncertainty", "weighting")  # options besides the density's
+LOSS_OPTIONS = ("sigma_data", "stratified", "uncertainty", "weighting")  # besides the density's
 
 
 def resolve_loss(
@@ -239,6 +242,7 @@ def resolve_loss(
     weighting = options.pop("weighting", None) if weighting is None else weighting
     sigma_data = options.pop("sigma_data", 0.5)
     uncertainty = bool(options.pop("uncertainty", False))
+    stratified = bool(options.pop("stratified", False))
     if "sigma_data" in density_options(density):  # v_diffusion, cosine_interpolated: the same sd
         options["sigma_data"] = sigma_data
     return LossSpec(
@@ -247,6 +251,7 @@ def resolve_loss(
         weighting=weighting or preset_weighting,
         sigma_data=sigma_data,
         uncertainty=uncertainty,
+        stratified=stratified,
     )
 
 

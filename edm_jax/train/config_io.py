@@ -249,6 +249,12 @@ def _key_line(path: Path, message: str) -> str:
     return f":{i + 1}"
 
 
+def _is_kdiff(values: Mapping) -> bool:
+    """A k-diffusion config file: its 'model' section names a 'type' (ours name an 'arch')."""
+    model = values.get("model")
+    return isinstance(model, Mapping) and "type" in model
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Config from 'x.py[:arg]' (its get_config(arg)), 'x.yaml' / 'x.yml' or 'x.json'."""
     path_str, _, arg = spec.partition(":")
@@ -259,7 +265,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         if arg:
             raise ValueError(f"config {spec!r}: variants (':{arg}') apply to .py configs only")
         try:
-            return merge_mapping(default_config(), _read_mapping(path))
+            values = _read_mapping(path)
+            if path.suffix == ".json" and _is_kdiff(values):  # k-diffusion's own config files
+                from edm_jax.train.kdiff_run import to_train_config
+
+                return to_train_config(values)
+            return merge_mapping(default_config(), values)
         except ValueError as e:
             msg = str(e)
             if msg.startswith(str(path)):

@@ -29,6 +29,7 @@ import optax
 from flax import traverse_util
 
 from edm_jax import losses
+from edm_jax.checks import check_choice
 from edm_jax.nets.convert_kdiff import torch_name
 from edm_jax.nets.kdiff_models import class_cond_dropout  # noqa: F401 - the recipe's piece
 from edm_jax.nets.model import is_buffer
@@ -267,22 +268,53 @@ def lerp(start: Array, end: Array, weight) -> Array:
     )
 
 
-def make_optimizer(config: dict, params: Any, prefix: str = "") -> optax.GradientTransformation:
-    """AdamW over the model's parameter groups with the config's lr schedule (k-diffusion)."""
-    o, kind = config["optimizer"], config["model"]["type"]
+def clip_grad_norm(max_norm: float = 1.0) -> optax.GradientTransformation:
+    """torch's ``clip_grad_norm_``: g * min(1, max_norm / (|g| + 1e-6)) over the whole tree."""
+
+    def clip(updates, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        return jax.tree.map(lambda g: g * jnp.minimum(1.0, max_norm / (norm + 1e-6)), updates)
+
+    return optax.stateless(clip)
+
+
+def check_recipe(config: dict) -> None:
+    """One clear error for an optimizer, lr or EMA schedule type k-diffusion's train.py would not
+    build (or this port does not: only adamw)."""
+    o, lr_sched, ema_sched = config["optimizer"], config["lr_sched"], config["ema_sched"]
     if o.get("type", "adamw") != "adamw":
         raise ValueError(f"optimizer type {o.get('type')!r} is not supported; valid: adamw")
+    check_choice("k-diffusion lr_sched type", lr_sched.get("type"), LR_SCHEDULES)
+    check_choice("k-diffusion ema_sched type", ema_sched.get("type"), ("inverse",))
+
+
+def ema_options(config: dict) -> dict:
+    """EMAWarmup's options of a loaded config's ema_sched section (for ``ema_decay``)."""
+    return {k: v for k, v in config["ema_sched"].items() if k != "type"}
+
+
+def make_optimizer(config: dict, params: Any, prefix: str = "") -> optax.GradientTransformation:
+    """train.py's update: buffers out, ``clip_grad_norm_(1.0)``, AdamW over the model's parameter
+    groups with the config's lr schedule (``params`` may be a shape tree)."""
+    check_recipe(config)
+    o, kind = config["optimizer"], config["model"]["type"]
     settings = group_settings(kind, o["lr"], o.get("weight_decay", 0.0))
     groups = group_tree(params, kind, prefix)
     schedule = lr_schedule(config.get("lr_sched", {"type": "constant"}), o["lr"])
-    return adamw(schedule, groups, settings, o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
-                 eps=o.get("eps", 1e-8))  # fmt: skip
+    zero_buffers = optax.stateless(lambda updates, params=None: _zero_buffers(updates))
+    return optax.chain(
+        zero_buffers, clip_grad_norm(1.0),
+        adamw(schedule, groups, settings, o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
+              eps=o.get("eps", 1e-8)),
+        zero_buffers,
+    )  # fmt: skip
 
 
 def make_train_step(net: Any, config: dict, optimizer: optax.GradientTransformation) -> Callable:
     """step(params, opt_state, ema, reals, noise, sigma, ema_decay, **cond) -> (params, opt_state,
-    ema, losses [B], grad_norm): train.py's body for one process (mean loss, clip_grad_norm 1.0,
-    AdamW step, EMA lerp; buffers neither trained nor averaged, copied)."""
+    ema, losses [B], grad_norm): train.py's body for one process (mean loss, make_optimizer's
+    update, EMA lerp; buffers neither trained nor averaged, copied) from recorded draws."""
     m = config["model"]
     sd = m.get("sigma_data", 1.0)
     weighting, scales = m.get("loss_weighting", "karras"), m.get("loss_scales", 1)
@@ -304,11 +336,9 @@ def make_train_step(net: Any, config: dict, optimizer: optax.GradientTransformat
 
     def step(params, opt_state, ema, reals, noise, sigma, ema_decay, **cond):
         grads, losses = jax.grad(losses_fn, has_aux=True)(params, reals, noise, sigma, cond)
-        grads = _zero_buffers(grads)
-        norm = optax.tree.norm(grads)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
+        norm = optax.tree.norm(_zero_buffers(grads))
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        new = optax.apply_updates(params, _zero_buffers(updates))
+        new = optax.apply_updates(params, updates)
         flat_ema, flat_new = traverse_util.flatten_dict(ema), traverse_util.flatten_dict(new)
         ema = traverse_util.unflatten_dict({
             k: v if is_buffer(k) else lerp(flat_ema[k], v, 1 - ema_decay) for k, v in flat_new.items()

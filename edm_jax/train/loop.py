@@ -25,12 +25,11 @@ from edm_jax.data.load import describe_source, load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.fileio import atomic_write_text
 from edm_jax.metrics.evaluate import make_evaluator
-from edm_jax.nets.spec import model_from_spec, spec_from_config
+from edm_jax.nets.spec import KDIFF_ARCH, model_from_spec, spec_from_config
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
 from edm_jax.train.reporting import Reporter, check_params, summarize_rows
-from edm_jax.train.state import optim_schedule
 from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 from edm_jax.train.validate import check_numbers_and_platform, validate_config, validate_data
 from edm_jax.train.workdir_lock import WorkdirLock
@@ -65,6 +64,8 @@ class Run:
     resumed_from: int | None
     spec: dict
     lock: WorkdirLock | None = None
+    lr_fn: Any = None  # step -> lr (the Trainer's schedule), for the logs
+    grow_from: str | None = None  # a k-diffusion image_v1 run to grow a fresh run from
 
 
 def _say(line: str) -> None:
@@ -92,8 +93,14 @@ def _restore(ckpt: Checkpointer, config, spec: dict, shape, shardings):
     return restored
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) -> Run:
-    """Lock the workdir, validate, build model/mesh/step, restore or initialise the state."""
+def setup(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    devices=None,
+    grow_from: str | None = None,
+) -> Run:
+    """Lock the workdir, validate, build model/mesh/step, restore or initialise the state
+    (a fresh state grown from the run in ``grow_from``, k-diffusion's progressive growing)."""
     devices = jax.devices() if devices is None else list(devices)
     validate_config(config, len(devices))
     check_numbers_and_platform(config, devices)
@@ -102,18 +109,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, devices=None) 
     _say(describe_source(source, config.data))
     spec = spec_from_config(config, source)
     model = model_from_spec(spec)
+    if grow_from is not None:
+        if config.model.arch != KDIFF_ARCH:
+            raise ValueError(
+                "--grow-from grows k-diffusion image_v1 runs (a k-diffusion JSON config)"
+            )
+        from edm_jax.checkpoints import locate_checkpoint
+
+        locate_checkpoint(grow_from)  # one clear line now if there is no run there
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _lock(workdir)
     try:
-        return _build(config, workdir, devices, source, spec, model, lock)
+        return _build(config, workdir, devices, source, spec, model, lock, grow_from)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
+def _build(config, workdir: Path, devices, source, spec, model, lock, grow_from) -> Run:
     """setup() once the workdir is locked."""
     mesh = make_mesh(devices)
     trainer = Trainer.from_config(model, config)  # one optimizer for the state and the step
@@ -126,7 +141,8 @@ def _build(config, workdir: Path, devices, source, spec, model, lock) -> Run:
     ckpt = Checkpointer(
         workdir, keep=config.log.keep_checkpoints, keep_period=config.log.keep_period_steps
     )
-    run = Run(config, workdir, model, mesh, None, pipeline, None, ckpt, None, spec, lock)
+    run = Run(config, workdir, model, mesh, None, pipeline, None, ckpt, None, spec, lock,
+              trainer.lr_fn, grow_from)  # fmt: skip
     try:
         _start(run, trainer, shape, shardings)
     except BaseException:
@@ -144,14 +160,36 @@ def _start(run: Run, trainer: Trainer, shape, shardings) -> None:
         key = jax.random.key(config.seed)
         init_fn = jax.jit(trainer.init, out_shardings=shardings).lower(key).compile(FAST_COMPILE)
         run.state = init_fn(key)
+        if run.grow_from is not None:
+            run.state = _grown(run, trainer, jax.random.fold_in(key, _GROW_KEY), shardings)
     else:
         run.resumed_from, run.state, data_state = restored[0], restored[1], restored[2]
         run.pipeline.set_state(data_state)
         run.checkpointer.last_saved = restored[0]
         _say(f"resumed from step {restored[0]} of {total_steps(config)}")
+        if run.grow_from is not None:
+            _say(
+                f"--grow-from {run.grow_from} is not used: this run resumes from its own checkpoint"
+            )
     if jax.process_index() == 0:
         atomic_write_text(run.workdir / "config.json", to_json(config))
     run.step_fn = trainer.jit_step(run.mesh, shardings)
+
+
+_GROW_KEY = 0x6720  # fold_in tag of the grown network's new proj_in
+
+
+def _grown(run: Run, trainer: Trainer, key, shardings):
+    """A fresh state whose params and EMAs are the grown EMA of the run in run.grow_from."""
+    from edm_jax.train.kdiff_run import grown_params
+
+    params = grown_params(str(run.grow_from), run.model, key)
+    state = run.state.replace(
+        params=params, ema=params, power_ema=tuple(params for _ in run.state.power_ema),
+        opt_state=trainer.tx.init(params),
+    )  # fmt: skip
+    _say(f"grown from the EMA of {run.grow_from}")
+    return jax.device_put(state, shardings)
 
 
 class _StopFlag:
@@ -232,8 +270,7 @@ def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
     if not pending:
         return
     rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
-    cfg = run.config
-    lr = float(optim_schedule(cfg.optim, cfg.train.batch_size)(jax.numpy.asarray(step - 1)))
+    lr = float(run.lr_fn(jax.numpy.asarray(step - 1)))
     reporter.log(step, summarize_rows(rows), lr)
     pending.clear()
 
@@ -282,13 +319,14 @@ def train(
     devices=None,
     stop_at_step: int | None = None,
     print_summary: bool = True,
+    grow_from: str | None = None,
 ) -> dict:
     """Train (or resume) per config in workdir; returns a summary.
 
     Keys: status, step, last (metrics), resumed_from, checkpoint, grid, params, state
     (the final TrainState), data_state (the pipeline position) and num_devices.
     """
-    run = setup(config, workdir, devices)
+    run = setup(config, workdir, devices, grow_from)
     reporter = Reporter(
         run.workdir, total_steps=total_steps(config), start_step=int(jax.device_get(run.state.step)),
         batch_size=config.train.batch_size, use_tqdm=config.log.tqdm,

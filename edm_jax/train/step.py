@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +23,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import losses
 from edm_jax.data.augment import augment
+from edm_jax.data.kdiff_augment import karras_augment
 from edm_jax.nets.edm2_unet import EDM2UNet, edm2_logvar, forced_normalize
+from edm_jax.nets.kdiff_models import state_dict_prefix
+from edm_jax.nets.spec import KDIFF_ARCH
+from edm_jax.train import kdiff_recipe
 from edm_jax.train.state import (
     TrainState,
     edm_ema_beta,
     ema_update,
     make_optimizer,
     new_state,
+    optim_schedule,
     power_ema_beta,
     std_to_exp,
 )
@@ -59,16 +65,23 @@ class StepConfig:
     power_stds: tuple[float, ...] = ()
     loss: losses.LossSpec = dataclasses.field(default_factory=losses.LossSpec)
     edm2_loss: tuple | None = None  # EDM2Loss's (option, value) pairs if loss.name == 'edm2'
+    augment: str = "edm"  # 'karras': k-diffusion's KarrasAugmentationPipeline (always runs)
+    ema_warmup: tuple | None = None  # k-diffusion's EMAWarmup (option, value) pairs
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepConfig:
-        """The step's settings of a config (train.*, ema.*, loss.*)."""
+        """The step's settings of a config (train.*, ema.*, loss.*; a k-diffusion network's
+        augmentation and EMA warmup from its config)."""
         t, e = config.train, config.ema
+        kdiff = {}
+        if config.model.arch == KDIFF_ARCH:
+            options = kdiff_recipe.ema_options(json.loads(config.model.kdiff_config))
+            kdiff = {"augment": "karras", "ema_warmup": tuple(sorted(options.items()))}
         return cls(
             batch_size=t.batch_size, grad_accum=t.grad_accum, augment_p=t.augment_p,
             remat=t.remat, self_cond_prob=t.self_cond_prob, ema_halflife_kimg=e.halflife_kimg,
             ema_rampup_ratio=e.rampup_ratio, power_stds=tuple(e.power_stds),
-            **_loss_fields(config.loss.to_dict()),
+            **_loss_fields(config.loss.to_dict()), **kdiff,
         )  # fmt: skip
 
 
@@ -171,7 +184,11 @@ def make_loss_fn(model, hp: StepConfig) -> Callable:
         batch = {"image": batch["image"], "label": batch["label"] if model.label_dim else None}
         if getattr(model, "encoder", None):  # raw latents -> mean + std * noise, fresh each step
             batch["image"] = _draw_latents(jax.random.fold_in(rng, _LATENT_KEY), batch["image"])
-        if hp.augment_p > 0:
+        if hp.augment == "karras":  # k-diffusion: x-flips and aug_cond even at augment_prob 0
+            batch["image"], batch["augment_labels"] = karras_augment(
+                k_aug, batch["image"], a_prob=hp.augment_p
+            )
+        elif hp.augment_p > 0:
             batch["image"], batch["augment_labels"] = augment(k_aug, batch["image"], p=hp.augment_p)
         if model.self_cond:
             denoise = _self_cond_denoiser(model, k_drop, hp.remat, hp.self_cond_prob)
@@ -210,7 +227,10 @@ def _update_emas(state: TrainState, params, hp: StepConfig):
     """EDM half-life EMA and EDM2 power EMAs after the step that began at state.step."""
     b = hp.batch_size
     nimg = state.step.astype(jnp.float32) * b
-    beta = edm_ema_beta(nimg, b, hp.ema_halflife_kimg, hp.ema_rampup_ratio)
+    if hp.ema_warmup is not None:  # k-diffusion: EMAWarmup's decay at the step's index
+        beta = kdiff_recipe.ema_decay(state.step, **dict(hp.ema_warmup)).astype(jnp.float32)
+    else:
+        beta = edm_ema_beta(nimg, b, hp.ema_halflife_kimg, hp.ema_rampup_ratio)
     ema = ema_update(state.ema, params, beta)
     power = tuple(
         ema_update(e, params, power_ema_beta(nimg + b, b, std_to_exp(s)))
@@ -261,12 +281,21 @@ class Trainer:
     model: Any
     tx: optax.GradientTransformation
     hp: StepConfig
+    lr_fn: Callable[[Array], Array] | None = None  # step -> lr (of the first group), for logs
 
     @classmethod
     def from_config(cls, model, config: ml_collections.ConfigDict) -> Trainer:
-        """The optimizer of config.optim and the step settings of config.train/ema/loss."""
+        """The optimizer of config.optim (a k-diffusion network: its config's AdamW recipe) and
+        the step settings of config.train/ema/loss."""
+        hp = StepConfig.from_config(config)
+        if config.optim.schedule == "kdiffusion":
+            shapes = jax.eval_shape(model.init, jax.random.key(0))
+            kconfig = model.config
+            lr = kconfig["optimizer"]["lr"]
+            tx = kdiff_recipe.make_optimizer(kconfig, shapes, state_dict_prefix(kconfig))
+            return cls(model, tx, hp, kdiff_recipe.lr_schedule(kconfig["lr_sched"], lr))
         tx = make_optimizer(config.optim, config.train.batch_size)
-        return cls(model, tx, StepConfig.from_config(config))
+        return cls(model, tx, hp, optim_schedule(config.optim, config.train.batch_size))
 
     def init(self, rng: Array) -> TrainState:
         """A fresh TrainState (jit it with the state shardings as out_shardings)."""

@@ -20,6 +20,7 @@ from edm_jax.nets.presets import (
     net_fields,
     resolve_arch,
 )
+from edm_jax.nets.spec import KDIFF_ARCH
 from edm_jax.precond import PRECONDS
 from edm_jax.schedules import DENSITIES
 
@@ -67,10 +68,18 @@ def _check_loss(loss: ml_collections.ConfigDict) -> None:
 
 def _check_net(config: ml_collections.ConfigDict) -> None:
     """Architecture, network overrides, precond, dtype, loss and its options exist."""
-    _choice("model.arch", config.model.arch, [*PRESETS, *ARCHITECTURES])
-    net_cls, _ = resolve_arch(config.model.arch)
-    for key in config.model.net.keys():
-        _choice(f"model.net.{key}", key, net_fields(net_cls))
+    _choice("model.arch", config.model.arch, [*PRESETS, *ARCHITECTURES, KDIFF_ARCH])
+    _choice("optim.schedule", config.optim.schedule, ["edm", "edm2", "kdiffusion"])
+    if (config.model.arch == KDIFF_ARCH) != (config.optim.schedule == "kdiffusion"):
+        raise ValueError(
+            f"config.model.arch={config.model.arch!r} with optim.schedule="
+            f"{config.optim.schedule!r}: a k-diffusion network (from a k-diffusion JSON config) "
+            "trains with its own recipe, schedule 'kdiffusion', and only it does"
+        )
+    if config.model.arch != KDIFF_ARCH:
+        net_cls, _ = resolve_arch(config.model.arch)
+        for key in config.model.net.keys():
+            _choice(f"model.net.{key}", key, net_fields(net_cls))
     _choice("model.precond", config.model.precond, PRECONDS)
     _choice("model.dtype", config.model.dtype, DTYPES)
     _check_loss(config.loss)
@@ -168,6 +177,8 @@ def validate_data(config: ml_collections.ConfigDict, source) -> None:
         )
     if config.data.use_labels and not source.num_classes:
         raise ValueError("config.data.use_labels=True but the data source has no labels")
+    if config.model.arch == KDIFF_ARCH:
+        return  # the k-diffusion config's input_size is data.resolution (kdiff_run)
     net_cls, fields = resolve_arch(config.model.arch)
     mult = tuple(config.model.net.get("channel_mult", fields.get("channel_mult", (1,))))
     r = res // config.model.patch_size
