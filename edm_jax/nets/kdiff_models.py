@@ -242,7 +242,7 @@ class KDiffusionModel:
             raise ValueError(f"labels are required: the model has {self.label_dim} classes")
         if train and rng is None:
             raise ValueError("training needs a dropout key: denoise(..., train=True, rng=key)")
-        if train:
+        if train and rng is not None:
             rng, k_drop = jax.random.split(rng)
         if self.label_dim:
             cond["class_cond"] = self.class_index(labels)

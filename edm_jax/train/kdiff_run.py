@@ -29,7 +29,7 @@ from edm_jax.nets.spec import KDIFF_ARCH
 from edm_jax.train import kdiff_config, kdiff_recipe
 from edm_jax.train.config_io import default_config
 
-__all__ = ["DATASET_TYPES", "grown_params", "to_train_config"]
+__all__ = ["DATASET_TYPES", "check_growth", "grown_params", "to_train_config"]
 
 DATASET_TYPES = ("imagefolder", "imagefolder-class", "cifar10", "mnist", "digits")
 UNSUPPORTED_DATASETS = ("huggingface", "wds", "wds-class", "custom")
@@ -94,22 +94,36 @@ def to_train_config(values: Mapping) -> ml_collections.ConfigDict:
     return c
 
 
-def grown_params(grow_from: str, model: Any, rng: Any) -> Any:
-    """Progressive growing: the EMA parameters of the image_v1 run in ``grow_from`` carried into
-    ``model`` (fewer skip_stages or a smaller patch size; new proj_in, zero proj_out), as
-    k-diffusion's set_skip_stages / set_patch_size."""
-    from edm_jax.checkpoints import load_checkpoint
-    from edm_jax.nets.kdiff_image_v1 import grow_params
+def check_growth(grow_from: str, model: Any) -> None:
+    """One clear error, before any compute, unless ``grow_from`` holds a committed k-diffusion
+    image_v1 run and ``model`` is an image_v1 network too."""
+    from edm_jax.checkpoints import SPEC_ITEM, committed_steps, locate_checkpoint, read_json_item
 
-    old_model, ema, _ = load_checkpoint(grow_from)
-    old_config = getattr(old_model, "config", None)
-    kinds = [c["model"]["type"] if isinstance(c, dict) else "not k-diffusion"
-             for c in (old_config, model.config)]  # fmt: skip
+    directory, step = locate_checkpoint(grow_from)
+    steps = [step] if step is not None else committed_steps(directory)
+    if not steps:
+        raise ValueError(f"--grow-from {grow_from}: no committed checkpoint there yet")
+    try:
+        old = read_json_item(directory / str(steps[-1]), SPEC_ITEM).get("config")
+    except OSError:
+        old = None
+    kinds = [c["model"]["type"] if isinstance(c, dict) else "not a k-diffusion network"
+             for c in (old, getattr(model, "config", None))]  # fmt: skip
     if kinds != ["image_v1", "image_v1"]:
         raise ValueError(
             f"--grow-from {grow_from}: growing needs two k-diffusion image_v1 networks; the run "
             f"there is {kinds[0]}, this config's is {kinds[1]}"
         )
+
+
+def grown_params(grow_from: str, model: Any, rng: Any) -> Any:
+    """Progressive growing: the EMA parameters of the image_v1 run in ``grow_from`` carried into
+    ``model`` (fewer skip_stages or a smaller patch size; new proj_in, zero proj_out), as
+    k-diffusion's set_skip_stages / set_patch_size (``check_growth`` first)."""
+    from edm_jax.checkpoints import load_checkpoint
+    from edm_jax.nets.kdiff_image_v1 import grow_params
+
+    _, ema, _ = load_checkpoint(grow_from)
     try:
         return grow_params(ema, model.net, rng)
     except ValueError as e:

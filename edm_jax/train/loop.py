@@ -25,7 +25,7 @@ from edm_jax.data.load import describe_source, load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.fileio import atomic_write_text
 from edm_jax.metrics.evaluate import make_evaluator
-from edm_jax.nets.spec import KDIFF_ARCH, model_from_spec, spec_from_config
+from edm_jax.nets.spec import model_from_spec, spec_from_config
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
@@ -109,14 +109,10 @@ def setup(
     _say(describe_source(source, config.data))
     spec = spec_from_config(config, source)
     model = model_from_spec(spec)
-    if grow_from is not None:
-        if config.model.arch != KDIFF_ARCH:
-            raise ValueError(
-                "--grow-from grows k-diffusion image_v1 runs (a k-diffusion JSON config)"
-            )
-        from edm_jax.checkpoints import locate_checkpoint
+    if grow_from is not None:  # one clear line now if there is no image_v1 run to grow
+        from edm_jax.train.kdiff_run import check_growth
 
-        locate_checkpoint(grow_from)  # one clear line now if there is no run there
+        check_growth(grow_from, model)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _lock(workdir)

@@ -73,7 +73,7 @@ class StepConfig:
         """The step's settings of a config (train.*, ema.*, loss.*; a k-diffusion network's
         augmentation and EMA warmup from its config)."""
         t, e = config.train, config.ema
-        kdiff = {}
+        kdiff: dict[str, Any] = {}
         if config.model.arch == KDIFF_ARCH:
             options = kdiff_recipe.ema_options(json.loads(config.model.kdiff_config))
             kdiff = {"augment": "karras", "ema_warmup": tuple(sorted(options.items()))}
