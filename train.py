@@ -25,6 +25,9 @@ from edm_jax.train import config_io
 CONFIG = config_io.define_config_flag("config", default="configs/digits.py")
 WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "run directory (checkpoints, logs)")
 NAME = flags.DEFINE_string("name", None, "k-diffusion's run name: the run directory (--workdir)")
+GNS = flags.DEFINE_bool(
+    "gns", False, "log the gradient noise scale in stats.jsonl (train.gns; needs grad_accum >= 2)"
+)
 GROW = flags.DEFINE_string(
     "grow-from", None, "k-diffusion image_v1: start from the EMA of the smaller run in this workdir"
 )
@@ -96,7 +99,10 @@ def main(argv):
 
     maybe_initialize(COORD.value, NPROC.value, PID.value, auto=AUTO.value)
     try:
-        train(CONFIG.value, _workdir(), stop_at_step=STOP.value, grow_from=GROW.value)
+        config = CONFIG.value
+        if GNS.value:
+            config.train.gns = True
+        train(config, _workdir(), stop_at_step=STOP.value, grow_from=GROW.value)
     except (NonFiniteLossError, CheckpointSaveError, WorkdirLockedError, *USER_ERRORS) as e:
         if DEBUG.value:
             raise

@@ -127,12 +127,12 @@ HDIT_TINY = {"widths": [32], "depths": [1], "d_ffs": [64], "mapping_width": 32,
              "self_attns": [{"type": "global", "d_head": 16}]}  # fmt: skip
 
 
-def test_trainer_uses_the_ema_warmup_and_lr_schedule(tmp_path):
+def test_trainer_uses_the_ema_warmup_lr_schedule_and_gns(tmp_path):
     from edm_jax.train import train
 
     values = _tiny(TINY_HDIT, **HDIT_TINY)
     values["lr_sched"] = {"type": "inverse", "inv_gamma": 2.0, "power": 1.0, "warmup": 0.5}
-    config = _train_config(values)
+    config = _train_config(values, **{"train.grad_accum": 2, "train.gns": True})
     first = train(config, tmp_path, stop_at_step=1, print_summary=False)["state"]
     p1, ema1 = jax.device_get(first.params), jax.device_get(first.ema)
     assert tree_equal(ema1, p1)  # EMAWarmup's decay is 0 at the first update
@@ -145,6 +145,12 @@ def test_trainer_uses_the_ema_warmup_and_lr_schedule(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows]  # step k's lr: 1e-3 (1 - 0.5^(k+1)) (1 + k/2)^-1
     np.testing.assert_allclose(lrs, [1e-3 * 0.5, 1e-3 * 0.75 / 1.5], rtol=1e-6)
+    for r in rows:  # --gns: micro-batches of 8 against the batch of 16 (each train() starts afresh)
+        gns = kdiff_recipe.GradientNoiseScale()
+        small, large = r["gns_sq_norm_small"], r["gns_sq_norm_large"]
+        assert small > large > 0 and large == pytest.approx(r["grad_norm"] ** 2, rel=1e-5)
+        gns.update(small, large, 8, 16)
+        assert r["gradient_noise_scale"] == pytest.approx(gns.gradient_noise_scale, rel=1e-12)
 
 
 IMAGE_V1_TINY = {"channels": [8, 16, 16], "depths": [1, 1, 1], "mapping_out": 16}

@@ -60,7 +60,7 @@ __all__ = [
 # Keys that may change on resume: they change neither the state nor the sample order.
 SAFE_PREFIXES = ("log.", "eval.", "metrics.")
 SAFE_KEYS = (
-    "train.total_kimg", "train.remat", "train.fsdp", "train.fsdp_min_size",
+    "train.total_kimg", "train.remat", "train.fsdp", "train.fsdp_min_size", "train.gns",
     "data.num_workers", "data.cache", "data.path", "data.tfds_data_dir",
 )  # fmt: skip
 

@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = _section(
         batch_size=512, total_kimg=200000.0, grad_accum=1, augment_p=0.0, self_cond_prob=0.5,
         remat="none", fsdp=False, fsdp_min_size=2**18,
+        gns=False,  # log the gradient noise scale (its small batches: the grad_accum micro-batches)
     )  # fmt: skip
     c.log = _section(
         log_every_steps=100, checkpoint_every_steps=1000, keep_checkpoints=3,

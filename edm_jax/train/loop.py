@@ -66,6 +66,7 @@ class Run:
     lock: WorkdirLock | None = None
     lr_fn: Any = None  # step -> lr (the Trainer's schedule), for the logs
     grow_from: str | None = None  # a k-diffusion image_v1 run to grow a fresh run from
+    gns: Any = None  # train.gns: k-diffusion's GradientNoiseScale estimator (host side)
 
 
 def _say(line: str) -> None:
@@ -266,9 +267,26 @@ def _log(run: Run, reporter: Reporter, pending: list, step: int) -> None:
     if not pending:
         return
     rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+    if run.config.train.gns:
+        _update_gns(run, rows)
     lr = float(run.lr_fn(jax.numpy.asarray(step - 1)))
     reporter.log(step, summarize_rows(rows), lr)
     pending.clear()
+
+
+def _update_gns(run: Run, rows: list[dict]) -> None:
+    """Fold each step's squared gradient norms into the gradient noise scale (k-diffusion's
+    --gns: small batches = the micro-batches, large = the whole batch); rows gain its value.
+    The estimator's averages are host state: they start afresh when a run resumes."""
+    from edm_jax.train.kdiff_recipe import GradientNoiseScale
+
+    if run.gns is None:
+        run.gns = GradientNoiseScale()
+    b = run.config.train.batch_size
+    for row in rows:
+        small, large = row["gns_sq_norm_small"], row["gns_sq_norm_large"]
+        run.gns.update(small, large, b // run.config.train.grad_accum, b)
+        row["gradient_noise_scale"] = run.gns.gradient_noise_scale
 
 
 def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | None) -> dict:

@@ -67,6 +67,7 @@ class StepConfig:
     edm2_loss: tuple | None = None  # EDM2Loss's (option, value) pairs if loss.name == 'edm2'
     augment: str = "edm"  # 'karras': k-diffusion's KarrasAugmentationPipeline (always runs)
     ema_warmup: tuple | None = None  # k-diffusion's EMAWarmup (option, value) pairs
+    gns: bool = False  # report the micro-batch gradients' squared norms (gradient noise scale)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepConfig:
@@ -80,7 +81,7 @@ class StepConfig:
         return cls(
             batch_size=t.batch_size, grad_accum=t.grad_accum, augment_p=t.augment_p,
             remat=t.remat, self_cond_prob=t.self_cond_prob, ema_halflife_kimg=e.halflife_kimg,
-            ema_rampup_ratio=e.rampup_ratio, power_stds=tuple(e.power_stds),
+            ema_rampup_ratio=e.rampup_ratio, power_stds=tuple(e.power_stds), gns=t.gns,
             **_loss_fields(config.loss.to_dict()), **kdiff,
         )  # fmt: skip
 
@@ -176,6 +177,15 @@ def _draw_latents(rng, raw):
     return final_latents(raw, noise, scale, bias)
 
 
+def _karras_augment(rng, batch: dict, a_prob: float):
+    """(images, aug_cond [B, 9]) as k-diffusion's KarrasAugmentationPipeline(a_prob,
+    disable_all=a_prob == 0): at 0 the images stay and aug_cond is zero (no x-flips either)."""
+    x = batch["image"]
+    if a_prob == 0:
+        return x, jnp.zeros((x.shape[0], 9), x.dtype)
+    return karras_augment(rng, x, a_prob=a_prob)
+
+
 def make_loss_fn(model, hp: StepConfig) -> Callable:
     """loss_fn(rng, params, micro_batch) -> (loss, aux): augmentation, dropout, self-cond."""
 
@@ -184,10 +194,8 @@ def make_loss_fn(model, hp: StepConfig) -> Callable:
         batch = {"image": batch["image"], "label": batch["label"] if model.label_dim else None}
         if getattr(model, "encoder", None):  # raw latents -> mean + std * noise, fresh each step
             batch["image"] = _draw_latents(jax.random.fold_in(rng, _LATENT_KEY), batch["image"])
-        if hp.augment == "karras":  # k-diffusion: x-flips and aug_cond even at augment_prob 0
-            batch["image"], batch["augment_labels"] = karras_augment(
-                k_aug, batch["image"], a_prob=hp.augment_p
-            )
+        if hp.augment == "karras":  # k-diffusion's train.py: disable_all at augment_prob 0
+            batch["image"], batch["augment_labels"] = _karras_augment(k_aug, batch, hp.augment_p)
         elif hp.augment_p > 0:
             batch["image"], batch["augment_labels"] = augment(k_aug, batch["image"], p=hp.augment_p)
         if model.self_cond:
@@ -204,23 +212,33 @@ def make_loss_fn(model, hp: StepConfig) -> Callable:
     return loss_fn
 
 
-def _accumulate_grads(loss_fn, params, batch, rng, accum, mesh):
-    """Mean loss and mean gradient over accum micro-batches (one lax.scan)."""
+def _sq_norm(tree) -> Array:
+    return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
+
+
+def _accumulate_grads(loss_fn, params, batch, rng, accum, mesh, with_sq=False):
+    """Mean loss, mean gradient and the mean squared norm of the micro-batch gradients over
+    accum micro-batches (one lax.scan; the gradient noise scale's small-batch statistic)."""
     grad_fn = jax.value_and_grad(lambda p, k, b: loss_fn(k, p, b)[0])
     if accum == 1:  # no loop: XLA:CPU runs convolutions inside a while loop far slower
-        return grad_fn(params, jax.random.split(rng, 1)[0], batch)
+        loss, grads = grad_fn(params, jax.random.split(rng, 1)[0], batch)
+        return loss, grads, None
     micro = _micro_batches(batch, accum, mesh)
     keys = jax.random.split(rng, accum)
 
     def body(carry, xs):
-        loss_sum, grad_sum = carry
+        loss_sum, grad_sum, sq_sum = carry
         key, mb = xs
         loss, grads = grad_fn(params, key, mb)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        sq_sum = sq_sum + _sq_norm(grads) if with_sq else sq_sum
+        return (loss_sum + loss, grad_sum, sq_sum), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros([]), zeros), (keys, micro))
-    return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
+    init = (jnp.zeros([]), zeros, jnp.zeros([], jnp.float32))
+    (loss_sum, grad_sum, sq_sum), _ = jax.lax.scan(body, init, (keys, micro))
+    sq_mean = sq_sum / accum if with_sq else None
+    return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum), sq_mean
 
 
 def _update_emas(state: TrainState, params, hp: StepConfig):
@@ -247,7 +265,11 @@ def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh:
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         params = forced_normalize(state.params) if weight_norm else state.params
-        loss, grads = _accumulate_grads(loss_fn, params, batch, rng, hp.grad_accum, mesh)
+        loss, grads, sq_small = _accumulate_grads(
+            loss_fn, params, batch, rng, hp.grad_accum, mesh, with_sq=hp.gns
+        )
+        gns = {} if sq_small is None else {
+            "gns_sq_norm_small": sq_small, "gns_sq_norm_large": _sq_norm(grads)}  # fmt: skip
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
         updates, opt_state = tx.update(grads, state.opt_state, params)
         params = jax.tree.map(jnp.add, params, updates)
@@ -255,10 +277,8 @@ def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh:
         new = state.replace(  # type: ignore[attr-defined]  # flax.struct adds replace
             step=state.step + 1, params=params, ema=ema, power_ema=power, opt_state=opt_state
         )
-        grad_norm = jnp.sqrt(
-            sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))
-        )
-        return new, {"loss": loss, "grad_norm": grad_norm, "ema_beta": beta}
+        grad_norm = jnp.sqrt(_sq_norm(grads))
+        return new, {"loss": loss, "grad_norm": grad_norm, "ema_beta": beta, **gns}
 
     return step
 

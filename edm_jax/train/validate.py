@@ -128,6 +128,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"config.train.batch_size={b} must be divisible by train.grad_accum={a} x "
             f"{num_devices} devices (each device takes an equal part of each micro-batch)"
         )
+    if config.train.gns and a < 2:
+        raise ValueError(
+            "config.train.gns (--gns) needs train.grad_accum >= 2: the gradient noise scale "
+            f"compares the micro-batch gradients with their mean; got grad_accum={a}"
+        )
     if config.log.checkpoint_every_steps % config.log.log_every_steps:
         raise ValueError(
             f"config.log.checkpoint_every_steps={config.log.checkpoint_every_steps} must be "
