@@ -255,8 +255,13 @@ def resolve_loss(
     )
 
 
-def from_config(loss: Mapping[str, Any]) -> LossSpec:
-    """The LossSpec of a config's ``loss`` section: name, density, weighting, kwargs."""
+def from_config(loss: Mapping[str, Any]) -> LossSpec | EDM2LossSpec:
+    """The loss of a config's ``loss`` section (name, density, weighting, kwargs): a LossSpec,
+    or EDM2LossSpec for name 'edm2'."""
+    if loss.get("name") == "edm2":
+        options = dict(loss.get("kwargs") or {})
+        check_edm2_options(options, loss.get("density"), loss.get("weighting"))
+        return EDM2LossSpec(**options)
     return resolve_loss(
         loss.get("name", "edm"),
         density=loss.get("density") or None,
@@ -344,6 +349,29 @@ def edm2_loss(
         "logvar": u.reshape(-1),
         "denoised": D_yn,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class EDM2LossSpec:
+    """EDM2Loss's settings: ln sigma ~ N(P_mean, P_std^2), the network's learned uncertainty."""
+
+    P_mean: float = -0.4
+    P_std: float = 1.0
+    sigma_data: float = 0.5
+
+
+def training_loss(
+    spec: LossSpec | EDM2LossSpec, rng: Array, params: Any, batch: dict, *, denoise: Callable,
+    logvar: Callable | None = None,
+) -> tuple[Array, dict]:  # fmt: skip
+    """The one loss a training step takes: a LossSpec's density x weighting, or EDM2Loss with
+    the uncertainty ``logvar(params, sigma)`` of the model's head."""
+    if isinstance(spec, EDM2LossSpec):
+        if logvar is None:
+            raise ValueError("loss 'edm2' needs a model with a logvar head (an EDM2 network)")
+        options = dataclasses.asdict(spec)
+        return edm2_loss(rng, params, batch, denoise=denoise, logvar=logvar, **options)
+    return diffusion_loss(rng, params, batch, denoise=denoise, spec=spec)
 
 
 LOSSES: dict[str, Callable[..., tuple[Array, dict]]] = {

@@ -28,7 +28,7 @@ def test_accumulated_gradient_equals_full_batch_gradient():
         four = step_lib._accumulate_grads(_loss, params, batch, rng, 4, mesh)
         return one, four
 
-    (l1, g1), (l4, g4) = grads(params, batch)
+    (l1, g1, _), (l4, g4, _) = grads(params, batch)  # (loss, grads, micro-batch sq norm)
     np.testing.assert_allclose(l4, l1, rtol=1e-6)
     np.testing.assert_allclose(g4["w"], g1["w"], rtol=1e-5)
     micro = jax.jit(lambda b: step_lib._micro_batches(b, 4, mesh))(batch)
@@ -60,6 +60,9 @@ class _FakeModel:
 
     def init(self, rng):
         return {"a": jnp.asarray(0.5)}
+
+    def prepare_params(self, params):  # the trainable model's hook: nothing to prepare
+        return params
 
     def denoise(self, params, x, sigma, labels=None, augment_labels=None, *, self_cond=None,
                 train=False, rng=None):  # fmt: skip

@@ -356,6 +356,11 @@ class EDM2UNet(nn.Module):
 
     state_dict_prefix = ""  # parameter names are the reference Precond's state_dict names
 
+    @staticmethod
+    def prepare_params(params: Any) -> Any:
+        """The parameters a training step uses: forced weight normalisation (eq. 66)."""
+        return forced_normalize(params)
+
     def __post_init__(self):
         if self.augment_dim:
             raise ValueError(

@@ -231,6 +231,10 @@ class KDiffusionModel:
         """Trainable parameters (k-diffusion's count: buffers excluded)."""
         return count_params(params)
 
+    def prepare_params(self, params: Any) -> Any:
+        """The parameters a training step differentiates: as they are."""
+        return params
+
     def denoise(self, params, x, sigma, labels=None, augment_labels=None, *, train: bool = False,
                 rng: Array | None = None, **cond) -> Array:  # fmt: skip
         """D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma)/4), float32 NHWC.

@@ -97,6 +97,12 @@ class DiffusionModel:
         """Number of trained parameters (as the reference's sum of numel over parameters)."""
         return count_params(params)
 
+    def prepare_params(self, params: Any) -> Any:
+        """The parameters a training step differentiates: the network's own preparation where
+        it has one (EDM2: forced weight normalisation), else params as they are."""
+        prepare = getattr(type(self.net), "prepare_params", None)
+        return prepare(params) if prepare is not None else params
+
     def apply_net(
         self,
         params,

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from edm_jax import losses
 from edm_jax.data.augment import augment
 from edm_jax.data.kdiff_augment import karras_augment
-from edm_jax.nets.edm2_unet import EDM2UNet, edm2_logvar, forced_normalize
+from edm_jax.nets.edm2_unet import edm2_logvar
 from edm_jax.nets.kdiff_models import state_dict_prefix
 from edm_jax.nets.spec import KDIFF_ARCH
 from edm_jax.train import kdiff_recipe
@@ -63,8 +63,7 @@ class StepConfig:
     ema_halflife_kimg: float = 500.0
     ema_rampup_ratio: float = 0.05
     power_stds: tuple[float, ...] = ()
-    loss: losses.LossSpec = dataclasses.field(default_factory=losses.LossSpec)
-    edm2_loss: tuple | None = None  # EDM2Loss's (option, value) pairs if loss.name == 'edm2'
+    loss: losses.LossSpec | losses.EDM2LossSpec = dataclasses.field(default_factory=losses.LossSpec)
     augment: str = "edm"  # 'karras': k-diffusion's KarrasAugmentationPipeline (always runs)
     ema_warmup: tuple | None = None  # k-diffusion's EMAWarmup (option, value) pairs
     gns: bool = False  # report the micro-batch gradients' squared norms (gradient noise scale)
@@ -82,15 +81,8 @@ class StepConfig:
             batch_size=t.batch_size, grad_accum=t.grad_accum, augment_p=t.augment_p,
             remat=t.remat, self_cond_prob=t.self_cond_prob, ema_halflife_kimg=e.halflife_kimg,
             ema_rampup_ratio=e.rampup_ratio, power_stds=tuple(e.power_stds), gns=t.gns,
-            **_loss_fields(config.loss.to_dict()), **kdiff,
+            loss=losses.from_config(config.loss.to_dict()), **kdiff,
         )  # fmt: skip
-
-
-def _loss_fields(loss: dict) -> dict:
-    """StepConfig's loss fields: a LossSpec, or EDM2Loss's options for loss.name == 'edm2'."""
-    if loss.get("name") == "edm2":
-        return {"edm2_loss": tuple(sorted((loss.get("kwargs") or {}).items()))}
-    return {"loss": losses.from_config(loss)}
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -202,18 +194,17 @@ def make_loss_fn(model, hp: StepConfig) -> Callable:
             denoise = _self_cond_denoiser(model, k_drop, hp.remat, hp.self_cond_prob)
         else:
             denoise = _denoiser(model, k_drop, hp.remat)
-        if hp.edm2_loss is not None:  # EDM2: uncertainty u(sigma) from the net's logvar head
-            logvar = functools.partial(edm2_logvar, model)
-            return losses.edm2_loss(
-                k_loss, params, batch, denoise=denoise, logvar=logvar, **dict(hp.edm2_loss)
-            )
-        return losses.diffusion_loss(k_loss, params, batch, denoise=denoise, spec=hp.loss)
+        logvar = functools.partial(edm2_logvar, model)  # EDM2's loss: the net's uncertainty head
+        return losses.training_loss(hp.loss, k_loss, params, batch, denoise=denoise, logvar=logvar)
 
     return loss_fn
 
 
 def _sq_norm(tree) -> Array:
-    return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
+    """Squared L2 norm of a pytree, in float32."""
+    return jnp.asarray(
+        sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree))
+    )
 
 
 def _accumulate_grads(loss_fn, params, batch, rng, accum, mesh, with_sq=False):
@@ -260,11 +251,10 @@ def _update_emas(state: TrainState, params, hp: StepConfig):
 def train_step_fn(model, hp: StepConfig, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
     """The un-jitted step: (state, global batch) -> (state, metrics), with the optimizer tx."""
     loss_fn = make_loss_fn(model, hp)
-    weight_norm = isinstance(getattr(model, "net", None), EDM2UNet)  # EDM2 (eq. 66)
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        params = forced_normalize(state.params) if weight_norm else state.params
+        params = model.prepare_params(state.params)  # EDM2: forced weight normalisation
         loss, grads, sq_small = _accumulate_grads(
             loss_fn, params, batch, rng, hp.grad_accum, mesh, with_sq=hp.gns
         )
