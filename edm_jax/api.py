@@ -384,11 +384,20 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], n - len(a))])
 
 
+def _is_kdiff_file(path: str) -> bool:
+    """A k-diffusion .pth / inference .safetensors (not one of the released families' names)."""
+    from edm_jax import pretrained as pt
+    from edm_jax.nets.kdiff_files import is_kdiff_file
+
+    return pt.infer_family(path) is None and is_kdiff_file(path)
+
+
 def load(path, family=None, **pretrained) -> tuple[Any, Any, dict]:
     """(model, params, config) from a training workdir, one checkpoint, or a reference .npz.
 
     A guided-diffusion / v-diffusion checkpoint (.pt/.pth/.safetensors, or its converted .npz)
-    loads through ``edm_jax.pretrained.load_pretrained(path, family, **pretrained)``.
+    loads through ``edm_jax.pretrained.load_pretrained(path, family, **pretrained)``; a
+    k-diffusion training .pth or inference .safetensors through ``nets.kdiff_files.load``.
 
     A workdir gives its newest committed checkpoint's EMA parameters, read without writing
     to the workdir (safe while training runs); a ``.npz`` holding an NVlabs/edm state_dict
@@ -400,6 +409,10 @@ def load(path, family=None, **pretrained) -> tuple[Any, Any, dict]:
         raise FileNotFoundError(f"no such workdir, checkpoint or .npz: {path}")
     from edm_jax import pretrained as pt
 
+    if family is None and not pretrained and _is_kdiff_file(path):
+        from edm_jax.nets import kdiff_files
+
+        return kdiff_files.load(path)
     if family is not None or pretrained or pt.is_pretrained_file(path):
         return pt.load_pretrained(path, family, **pretrained)
     if os.path.isfile(path):

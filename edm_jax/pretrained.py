@@ -375,6 +375,9 @@ def load_for_cli(args: argparse.Namespace, load: Any) -> tuple[Any, Any, dict]:
     foreign = args.checkpoint is not None and (
         args.family is not None or is_pretrained_file(args.checkpoint)
     )
+    if foreign and args.family is None and args.classifier is None:
+        if infer_family(args.checkpoint) is None:  # k-diffusion's .pth / .safetensors: by content
+            return load(args.checkpoint)
     if not foreign:
         if args.family or args.classifier:
             raise ValueError("--family and --classifier apply to a foreign --checkpoint file "

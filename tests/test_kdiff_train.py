@@ -14,6 +14,7 @@ from flax import traverse_util
 from train_testlib import ROOT, tree_equal, tree_max_diff
 
 from edm_jax import losses, schedules
+from edm_jax.nets import kdiff_files
 from edm_jax.train import config_io, kdiff_config, kdiff_recipe, kdiff_run, validate
 
 TINY_HDIT = "kdiff_digits_transformer.json"
@@ -163,6 +164,9 @@ def test_growing_an_image_v1_run(tmp_path):
     small = _train_config(_tiny("kdiff_digits_8.json", **IMAGE_V1_TINY))
     train(small, tmp_path / "small", stop_at_step=2, print_summary=False)
     _, ema, _ = load_checkpoint(str(tmp_path / "small"))
+    out = kdiff_files.export(str(tmp_path / "small"), tmp_path / "small.safetensors", "fp32")
+    _, exported, config = kdiff_files.load(out)  # k-diffusion's inference format, read back
+    assert tree_equal(exported, ema) and config["model"]["skip_stages"] == 1
     big = _train_config(_tiny("kdiff_digits_16.json", **IMAGE_V1_TINY))
     state = train(big, tmp_path / "big", stop_at_step=0, grow_from=str(tmp_path / "small"),
                   print_summary=False)["state"]  # fmt: skip

@@ -47,8 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def wants_sd(args: argparse.Namespace) -> bool:
-    """Whether the run is a Stable Diffusion job (--checkpoint names an SD file)."""
-    return bool(getattr(args, "checkpoint", None)) and is_sd_checkpoint(args.checkpoint)
+    """Whether the run is a Stable Diffusion job (--checkpoint names an SD file; a k-diffusion
+    inference .safetensors, told by the config in its header, is not one)."""
+    path = getattr(args, "checkpoint", None)
+    if not path or not is_sd_checkpoint(path):
+        return False
+    if str(path).lower().endswith(".safetensors"):
+        from edm_jax.nets.kdiff_files import is_kdiff_file
+
+        return not is_kdiff_file(path)
+    return True
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
