@@ -25,7 +25,7 @@ import numpy as np
 
 from edm_jax import api
 from edm_jax.nets.spec import model_from_spec
-from edm_jax.train import kdiff_run
+from edm_jax.train import config_io, kdiff_run
 from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 
 CIFAR10_TRANSFORMER = {
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     values = json.loads(json.dumps(CIFAR10_TRANSFORMER))
     values["model"]["self_attns"] = [dict(ATTENTION[args.attention]), {"type": "global"}]
-    config = kdiff_run.to_train_config(values)
+    config = kdiff_run.to_train_config(values, config_io.default_config())
     config.train.batch_size = args.batch
     model = model_from_spec({"version": 1, "arch": "kdiffusion",
                              "config": json.loads(config.model.kdiff_config)})  # fmt: skip

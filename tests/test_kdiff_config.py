@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edm_jax.train.kdiff_config import load_config, round_to_power_of_two
+from edm_jax.nets.kdiff_config import load_config, round_to_power_of_two
 
 SHIPPED = [
     "config_32x32_small.json",

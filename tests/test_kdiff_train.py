@@ -14,8 +14,8 @@ from flax import traverse_util
 from train_testlib import ROOT, tree_equal, tree_max_diff
 
 from edm_jax import losses, schedules
-from edm_jax.nets import kdiff_files
-from edm_jax.train import config_io, kdiff_config, kdiff_recipe, kdiff_run, validate
+from edm_jax.nets import kdiff_config, kdiff_files
+from edm_jax.train import config_io, kdiff_recipe, kdiff_run, validate
 
 TINY_HDIT = "kdiff_digits_transformer.json"
 
@@ -59,9 +59,9 @@ def test_shipped_configs_translate(shipped, name):
     kind = values["dataset"]["type"]
     if kind == "huggingface":
         with pytest.raises(ValueError, match=r"dataset type 'huggingface' \(\{'location': "):
-            kdiff_run.to_train_config(values)
+            kdiff_run.to_train_config(values, config_io.default_config())
         return
-    c = kdiff_run.to_train_config(values)
+    c = kdiff_run.to_train_config(values, config_io.default_config())
     validate.validate_config(c, 8)
     want = {"cifar10": ("tfds", "cifar10"), "imagefolder": ("folder", "")}[kind]
     assert (c.data.name, c.data.tfds_name) == want
@@ -114,7 +114,7 @@ def _tiny(name: str, **model) -> dict:
 
 
 def _train_config(values, **updates):
-    c = kdiff_run.to_train_config(values)
+    c = kdiff_run.to_train_config(values, config_io.default_config())
     c.train.update(batch_size=16, total_kimg=0.032)
     c.log.update(log_every_steps=1, checkpoint_every_steps=1, sample_every_kimg=0.0,
                  tqdm=False, tensorboard=False)  # fmt: skip

@@ -17,6 +17,7 @@ import pytest
 from edm_jax import analytic, api
 from edm_jax.metrics import __main__ as cli
 from edm_jax.metrics import detectors, evaluate, refs
+from edm_jax.train import evaluate as train_evaluate
 from edm_jax.train.config_io import default_config
 
 DIM = 16
@@ -285,25 +286,25 @@ def _eval_config(tmp_path, **kw):
 
 
 def test_eval_config_errors_before_any_compile(tmp_path, fake_weights):
-    evaluate.check_eval_config(default_config())  # off by default: nothing checked
+    train_evaluate.check_eval_config(default_config())  # off by default: nothing checked
     with pytest.raises(
         FileNotFoundError, match="no inception weights given; download pt_inception"
     ):
-        evaluate.check_eval_config(_eval_config(tmp_path))
+        train_evaluate.check_eval_config(_eval_config(tmp_path))
     weights = {"inception": fake_weights[1], "dinov2": fake_weights[3]}
     with pytest.raises(ValueError, match="config.eval.ref must name"):
-        evaluate.check_eval_config(_eval_config(tmp_path, weights=weights))
+        train_evaluate.check_eval_config(_eval_config(tmp_path, weights=weights))
     with pytest.raises(FileNotFoundError, match="reference statistics not found"):
-        evaluate.check_eval_config(
+        train_evaluate.check_eval_config(
             _eval_config(tmp_path, weights=weights, ref=str(tmp_path / "r.npz"))
         )
     with pytest.raises(
         ValueError,
         match=r"unknown metric 'fdd'; valid: \['fd_clip', 'fd_dinov2', 'fid', 'is', 'kid'\]",
     ):
-        evaluate.check_eval_config(_eval_config(tmp_path, metrics=("fdd",)))
+        train_evaluate.check_eval_config(_eval_config(tmp_path, metrics=("fdd",)))
     with pytest.raises(ValueError, match="config.eval.num must be an int >= 2"):
-        evaluate.check_eval_config(_eval_config(tmp_path, num=1))
+        train_evaluate.check_eval_config(_eval_config(tmp_path, num=1))
 
 
 def test_training_evaluator_writes_stats_jsonl(tmp_path, fake_weights):
@@ -311,12 +312,9 @@ def test_training_evaluator_writes_stats_jsonl(tmp_path, fake_weights):
     refs.save_ref(ref, {"fid": {"mu": np.zeros(DIM), "sigma": np.eye(DIM)}})
     weights = {"inception": fake_weights[1], "dinov2": fake_weights[3]}
     config = _eval_config(tmp_path, weights=weights, ref=str(ref), metrics=("fid", "is"))
-    evaluate.check_eval_config(config)
-    state = types.SimpleNamespace(ema=PARAMS)  # MODEL and SAMPLE's sampler: no new compile
-    run = types.SimpleNamespace(
-        config=config, model=MODEL, state=state, mesh=None, workdir=tmp_path
-    )
-    evaluator = evaluate.make_evaluator(run)
+    train_evaluate.check_eval_config(config)
+    # MODEL and SAMPLE's sampler: no new compile
+    evaluator = train_evaluate.make_evaluator(config, MODEL, tmp_path, lambda: PARAMS)
     reporter = types.SimpleNamespace(tb=None)
     assert evaluator(reporter, 1, 0) is None  # 4 images: before the 8-image boundary
     row = evaluator(reporter, 2, 1)

@@ -19,7 +19,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edm_jax import api
-from edm_jax.cadence import crossed
 from edm_jax.metrics import refs
 from edm_jax.metrics.stats import FeatureStats, InceptionScore, frechet_distance, kid
 
@@ -326,93 +325,3 @@ def seeds_text(seeds: Sequence[int]) -> str:
         parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
         i = j + 1
     return ",".join(parts)
-
-
-# ---- during training: config keys eval.* (off by default) ----------------------------
-
-
-def check_eval_config(config) -> None:
-    """Check the eval.* keys (metrics, count, sampler, weight and reference files) up front."""
-    if "eval" not in config:
-        return
-    ev = config.eval
-    every = ev.every_kimg
-    if isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0:
-        raise ValueError(f"config.eval.every_kimg must be a number >= 0 (0: off), got {every!r}")
-    try:  # checked even while evaluation is off: a typo shows now, not when it is turned on
-        api.check_sample_args(ev.sampler, ev.steps, ev.batch_size)
-    except ValueError as e:
-        raise ValueError(f"config.eval: {e}") from None
-    if every == 0:
-        return
-    metrics = check_metrics(ev.metrics)
-    if isinstance(ev.num, bool) or not isinstance(ev.num, int) or ev.num < 2:
-        raise ValueError(
-            f"config.eval.num must be an int >= 2 (images per evaluation), got {ev.num!r}"
-        )
-    check_weights(metrics, ev.weights)
-    if set(metrics) - {"is"}:
-        if not ev.ref:
-            raise ValueError("config.eval.ref must name a reference .npz/.pkl for " + str(metrics))
-        ref = refs.load_ref(ev.ref)
-        for metric in set(metrics) - {"is"}:
-            if metric not in ref:
-                raise ValueError(
-                    f"config.eval.ref={ev.ref} has no {metric!r} statistics; it has {sorted(ref)}"
-                )
-
-
-def _replicated_host_copy(tree, mesh):
-    """A host (numpy) copy of a possibly sharded, possibly multi-host pytree."""
-    if mesh is not None:
-        tree = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
-
-
-def make_evaluator(run):
-    """evaluate(reporter, step, prev_step): score the EMA params at eval.every_kimg boundaries.
-
-    Detectors and the reference are loaded here (before the first train step compiles).
-    Results go to stats.jsonl ({'step', 'kimg', 'eval/<metric>', 'eval/time_s'}) and
-    TensorBoard. A no-op when eval.every_kimg is 0.
-    """
-    import json
-    import time
-
-    ev, bs = run.config.eval, run.config.train.batch_size
-    if ev.every_kimg <= 0:
-        return lambda reporter, step, prev_step: None
-    metrics = check_metrics(ev.metrics)
-    detectors = load_detectors(metrics, ev.weights)
-    ref = refs.load_ref(ev.ref) if set(metrics) - {"is"} else {}
-    dims = {n: int(d.feature_dim) for n, d in detectors.items()}
-    check_reference(ref, metrics, dims, ev.ref)
-
-    def evaluate(reporter, step: int, prev_step: int | None):
-        if step == 0 or (prev_step is not None and not crossed(step, prev_step, bs, ev.every_kimg)):
-            return None
-        t0 = time.time()
-        params = _replicated_host_copy(run.state.ema, run.mesh)
-        scorer = Scorer(metrics, detectors, ev.num, ev.batch_size)
-        generate_and_score(
-            jax.random.key(0),
-            params,
-            run.model,
-            scorer,
-            seeds=range(ev.num),
-            sampler=ev.sampler,
-            num_steps=ev.steps,
-        )
-        row = {"step": step, "kimg": step * bs / 1000}
-        row |= {f"eval/{k}": v for k, v in scorer.results(ref).items()}
-        row["eval/time_s"] = time.time() - t0
-        if jax.process_index() == 0:
-            with open(run.workdir / "stats.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tb = getattr(reporter, "tb", None)
-            for k, v in row.items():
-                if tb is not None and k.startswith("eval/"):
-                    tb.add_scalar(k, v, step)
-        return row
-
-    return evaluate

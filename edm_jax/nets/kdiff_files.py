@@ -67,7 +67,7 @@ def is_kdiff_file(path: str | os.PathLike) -> bool:
 
 def _from_training_checkpoint(path: str, ema: bool) -> tuple[dict, Any, dict]:
     """(config, network, params) of k-diffusion train.py's .pth."""
-    from edm_jax.train.kdiff_config import load_config
+    from edm_jax.nets.kdiff_config import load_config
 
     tree = reader.read_checkpoint(path)
     if not isinstance(tree, dict) or "config" not in tree or "model_ema" not in tree:

@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Sample-quality metrics during training (edm_jax.metrics; k-diffusion --evaluate-every).
     c.eval = _section(
         every_kimg=0.0, num=50000, metrics=("fid",), ref="", sampler="heun", steps=18,
-        batch_size=64, weights=_section(inception="", dinov2=""),
+        batch_size=64, seed=0, weights=_section(inception="", dinov2=""),
     )  # fmt: skip
     return c
 
@@ -270,7 +270,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
             if path.suffix == ".json" and _is_kdiff(values):  # k-diffusion's own config files
                 from edm_jax.train.kdiff_run import to_train_config
 
-                return to_train_config(values)
+                return to_train_config(values, default_config())
             return merge_mapping(default_config(), values)
         except ValueError as e:
             msg = str(e)

@@ -1,7 +1,7 @@
 """A k-diffusion JSON config as a training config: ``train.py --config config_mnist.json``.
 
 ``config_io.load_config`` tells a k-diffusion file (its ``model`` section has a ``type``)
-from our own JSON configs and hands it to ``to_train_config(values)``, which fills k-diffusion's defaults
+from our own JSON configs and hands it to ``to_train_config(values, default_config())``, which fills k-diffusion's defaults
 (``kdiff_config.load_config``) and returns the ``default_config()`` ConfigDict that trains
 it the way k-diffusion's train.py does: the network (``model.arch='kdiffusion'``, the loaded
 config in ``model.kdiff_config``), its Denoiser loss (weighting, sigma_data, the sample
@@ -25,9 +25,9 @@ from typing import Any
 import ml_collections
 
 from edm_jax.checks import check_choice
+from edm_jax.nets import kdiff_config
 from edm_jax.nets.spec import KDIFF_ARCH
-from edm_jax.train import kdiff_config, kdiff_recipe
-from edm_jax.train.config_io import default_config
+from edm_jax.train import kdiff_recipe
 
 __all__ = ["DATASET_TYPES", "check_growth", "grown_params", "to_train_config"]
 
@@ -71,14 +71,14 @@ def _check_loss(model: dict) -> None:
         )
 
 
-def to_train_config(values: Mapping) -> ml_collections.ConfigDict:
-    """The training config of a k-diffusion config file's contents (defaults filled)."""
+def to_train_config(values: Mapping, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``base`` (config_io.default_config()) set to train a k-diffusion config file's contents."""
     kconfig = kdiff_config.load_config(dict(values))
     model = kconfig["model"]
     _check_loss(model)
     kdiff_recipe.check_recipe(kconfig)
     density, options = kdiff_recipe.sample_density(model)
-    c = default_config()
+    c = base
     c.data.update(_data(kconfig["dataset"], model, values.get("dataset") or {}))
     c.model.arch = KDIFF_ARCH
     c.model.kdiff_config = json.dumps(kconfig, sort_keys=True)

@@ -24,11 +24,12 @@ from edm_jax.cadence import crossed
 from edm_jax.data.load import describe_source, load_source
 from edm_jax.data.pipeline import make_pipeline, to_global
 from edm_jax.fileio import atomic_write_text
-from edm_jax.metrics.evaluate import make_evaluator
 from edm_jax.nets.spec import model_from_spec, spec_from_config
 from edm_jax.train import grid
 from edm_jax.train.checkpoint import Checkpointer, abstract_state
 from edm_jax.train.config_io import to_json
+from edm_jax.train.evaluate import make_evaluator
+from edm_jax.train.multihost import host_copy
 from edm_jax.train.reporting import Reporter, check_params, summarize_rows
 from edm_jax.train.step import Trainer, batch_sharding, make_mesh, state_sharding
 from edm_jax.train.validate import check_numbers_and_platform, validate_config, validate_data
@@ -233,11 +234,7 @@ def _maybe_grid(run: Run, sampler, step: int, prev_step: int | None) -> str | No
         return None
     if prev_step is not None and not crossed(step, prev_step, bs, every):
         return None
-    ema = run.state.ema
-    if jax.process_count() > 1:  # edm_jax.sample runs on the local devices: gather the EMA
-        from jax.experimental import multihost_utils
-
-        ema = multihost_utils.process_allgather(ema, tiled=True)
+    ema = host_copy(run.state.ema, run.mesh)  # edm_jax.sample runs on this host's devices
     images = sampler(jax.random.key(run.config.log.sample_seed), ema)  # [n, H, W, C] numpy
     _, cols = grid.grid_shape(run.model.label_dim, run.config.log.sample_grid)
     path = run.workdir / "samples" / f"grid_{step:08d}.png"
@@ -298,7 +295,9 @@ def _loop(run: Run, reporter: Reporter, stop: _StopFlag, stop_at_step: int | Non
     sampler, shard = _make_sampler(run), batch_sharding(run.mesh)
     info["grid"] = _maybe_grid(run, sampler, step, None) if step == 0 else None
     grid_step = step if info["grid"] else None
-    evaluate = make_evaluator(run)  # eval.every_kimg: FID etc. (no-op when off)
+    evaluate = make_evaluator(  # eval.every_kimg: FID etc. (no-op when off)
+        cfg, run.model, run.workdir, lambda: host_copy(run.state.ema, run.mesh)
+    )
     if step < total:
         _say(f"compiling the train step (the first step takes a while), then {total - step} steps")
     while step < total:

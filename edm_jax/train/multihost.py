@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["maybe_initialize"]
+__all__ = ["host_copy", "maybe_initialize"]
 
 
 def _env_int(name: str) -> int | None:
@@ -49,3 +51,11 @@ def maybe_initialize(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
     return True
+
+
+def host_copy(tree, mesh: Mesh | None):
+    """A NumPy copy on this host of a possibly sharded, possibly multi-host pytree (the EMA for
+    grids and evaluations): gathered to every device of ``mesh`` first, then read locally."""
+    if mesh is not None:
+        tree = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)

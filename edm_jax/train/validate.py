@@ -12,7 +12,6 @@ import ml_collections
 from edm_jax import losses
 from edm_jax.checks import MAX_SEED, did_you_mean
 from edm_jax.data.load import SOURCES
-from edm_jax.metrics.evaluate import check_eval_config
 from edm_jax.nets.presets import (
     ARCHITECTURES,
     DTYPES,
@@ -23,6 +22,7 @@ from edm_jax.nets.presets import (
 from edm_jax.nets.spec import KDIFF_ARCH
 from edm_jax.precond import PRECONDS
 from edm_jax.schedules import DENSITIES
+from edm_jax.train.evaluate import check_eval_config
 
 __all__ = ["REMAT", "validate_config", "validate_data"]
 
