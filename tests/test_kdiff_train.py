@@ -170,11 +170,15 @@ def test_growing_an_image_v1_run(tmp_path):
     big = _train_config(_tiny("kdiff_digits_16.json", **IMAGE_V1_TINY))
     state = train(big, tmp_path / "big", stop_at_step=0, grow_from=str(tmp_path / "small"),
                   print_summary=False)["state"]  # fmt: skip
+    state = jax.device_get(state)  # the grown state, before the donated first step below
     grown, old = (traverse_util.flatten_dict(jax.device_get(t)) for t in (state.params, ema))
     shared = [k for k in grown if k[0] not in ("proj_in", "proj_out")]
     assert shared and all(np.array_equal(grown[k], old[k]) for k in shared)
     assert all(not np.any(grown[k]) for k in grown if k[0] == "proj_out")  # D = c_skip x
     assert tree_equal(state.ema, state.params)
+    info = train(big, tmp_path / "big2", stop_at_step=1, grow_from=str(tmp_path / "small"),
+                 print_summary=False)  # fmt: skip
+    assert info["step"] == 1 and np.isfinite(info["last"]["loss"])  # the grown run trains
     with pytest.raises(ValueError, match="growing needs two k-diffusion image_v1 networks"):
         hdit = _train_config(_tiny(TINY_HDIT, **HDIT_TINY))
         train(hdit, tmp_path / "x", stop_at_step=0, grow_from=str(tmp_path / "small"))

@@ -182,8 +182,9 @@ def _grown(run: Run, trainer: Trainer, key, shardings):
     from edm_jax.train.kdiff_run import grown_params
 
     params = grown_params(str(run.grow_from), run.model, key)
-    state = run.state.replace(
-        params=params, ema=params, power_ema=tuple(params for _ in run.state.power_ema),
+    copy = lambda: jax.tree.map(lambda x: jax.numpy.array(x, copy=True), params)  # noqa: E731
+    state = run.state.replace(  # the step donates the state: no two fields share a buffer
+        params=copy(), ema=copy(), power_ema=tuple(copy() for _ in run.state.power_ema),
         opt_state=trainer.tx.init(params),
     )  # fmt: skip
     _say(f"grown from the EMA of {run.grow_from}")
