@@ -570,3 +570,37 @@ def test_sample_py_prompt_end_to_end(sample_py, e2e_file, vocab, tmp_path):
     assert np.abs(alone[0].astype(int) - images[2]).max() <= 1
     other = generate.text_to_image(key, pipe, params, "a red cube", "sharp", seeds=[2], **kw)
     assert np.abs(other[0].astype(int) - images[2]).mean() > 1
+
+
+def test_sample_py_img2img(sample_py, e2e_file, vocab, tmp_path, capsys):
+    """--init-image/--strength: the file is Lanczos-resized to --height x --width (diffusers'
+    default preprocessing) and gives text_to_image(init_images=..., strength=...)'s images."""
+    from PIL import Image
+
+    from edm_jax.sd import cli
+
+    rng = np.random.default_rng(0)
+    big = (rng.random((32, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "init.png")
+    resized = cli.read_init_image(str(tmp_path / "init.png"), 16, 24)
+    want = np.asarray(Image.fromarray(big).resize((24, 16), Image.Resampling.LANCZOS))
+    assert resized.shape == (1, 16, 24, 3) and (resized[0] == want).all()
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(e2e_file), "--prompt", "a red cube", "--sampler", "euler",
+            "--steps", "3", "--seeds", "0-1", "--height", "16", "--width", "24",
+            "--vocab", vocab, "--no-progress", "--init-image", str(tmp_path / "init.png")]  # fmt: skip
+    assert sample_py.main([*base, "--strength", "0.67", "--outdir", str(out)]) == 0
+    with np.load(out / "samples.npz") as f:
+        images = f["images"]
+    pipe, params = load.load_pipeline(e2e_file, vocab=vocab)
+    kw = dict(sampler="euler", steps=3, height=16, width=24, seeds=[0, 1])
+    ref = generate.text_to_image(jax.random.key(0), pipe, params, "a red cube",
+                                 init_images=resized, strength=0.67, **kw)  # fmt: skip
+    assert np.abs(ref.astype(int) - images).max() <= 1
+    t2i_only = generate.text_to_image(jax.random.key(0), pipe, params, "a red cube", **kw)
+    assert np.abs(t2i_only.astype(int) - images).mean() > 1  # the init image was used
+    for extra, msg in ((["--strength", "0.1"], "error: strength must be in (0, 1]"),
+                       (["--init-image", str(tmp_path / "nope.png")], "error: --init-image")):  # fmt: skip
+        assert sample_py.main([*base, *extra, "--outdir", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(msg), err

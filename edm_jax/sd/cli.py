@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edm_jax.sd.load import is_sd_checkpoint
 
-__all__ = ["add_arguments", "fill_defaults", "main", "wants_sd"]
+__all__ = ["add_arguments", "fill_defaults", "main", "read_init_image", "wants_sd"]
 
 # flag -> (default for SD checkpoints, default for trained models)
 _DEFAULTS = {
@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vocab", default=None, help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)"
     )
+    g.add_argument("--init-image", default=None,
+                   help="img2img: start from this .png/.jpg (resized to --height x --width)")  # fmt: skip
+    g.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: fraction of the steps run from the noised init image [0.75]")  # fmt: skip
 
 
 def wants_sd(args: argparse.Namespace) -> bool:
@@ -74,6 +78,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if not wants_sd(args):
         if args.prompt is not None:
             raise ValueError("--prompt needs --checkpoint FILE.safetensors or FILE.ckpt (SD)")
+        if args.init_image is not None:
+            raise ValueError("--init-image needs --checkpoint FILE.safetensors or FILE.ckpt (SD)")
         return
     if not args.prompt:
         raise ValueError("--prompt is required with a Stable Diffusion checkpoint")
@@ -84,6 +90,21 @@ def check_flags(args: argparse.Namespace) -> None:
     ):
         if getattr(args, dest, None):
             raise ValueError(f"{flag} does not apply to Stable Diffusion checkpoints")
+
+
+def read_init_image(path: str, height: int, width: int):
+    """uint8 [1, height, width, 3] of an image file, resized as diffusers' default preprocessing
+    (VaeImageProcessor: a plain Lanczos resize to height x width, no crop)."""
+    import numpy as np
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise ValueError(f"--init-image {path}: no such file")
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, np.uint8)[None]
 
 
 def main(args: argparse.Namespace, options: dict, write_outputs: Callable) -> int:
@@ -108,8 +129,10 @@ def main(args: argparse.Namespace, options: dict, write_outputs: Callable) -> in
     height, width = args.height or side, args.width or side
     pipe.check_size(height, width)  # a multiple of 64 for the SD U-Net (8 x 8)
     print(load.describe(pipe), file=sys.stderr)
+    init = {} if args.init_image is None else dict(strength=args.strength,
+            init_images=read_init_image(args.init_image, height, width))  # fmt: skip
     images = generate.text_to_image(
-        jax.random.key(0), pipe, params, args.prompt, args.negative_prompt,
+        jax.random.key(0), pipe, params, args.prompt, args.negative_prompt, **init,
         sampler=args.sampler, schedule=args.schedule, steps=args.steps, cfg_scale=args.cfg_scale,
         seeds=args.seeds, height=height, width=width, batch_size=args.batch, **options,
     )  # fmt: skip
