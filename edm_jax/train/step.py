@@ -300,8 +300,8 @@ class Trainer:
         hp = StepConfig.from_config(config)
         if config.optim.schedule == "kdiffusion":
             shapes = jax.eval_shape(model.init, jax.random.key(0))
-            kconfig = model.config
-            lr = kconfig["optimizer"]["lr"]
+            lr = config.optim.lr  # the file's optimizer.lr, or --config.optim.lr (train.py --lr)
+            kconfig = {**model.config, "optimizer": {**model.config["optimizer"], "lr": lr}}
             tx = kdiff_recipe.make_optimizer(kconfig, shapes, state_dict_prefix(kconfig))
             return cls(model, tx, hp, kdiff_recipe.lr_schedule(kconfig["lr_sched"], lr))
         tx = make_optimizer(config.optim, config.train.batch_size)
