@@ -43,6 +43,10 @@ RUNS = [
      ["--channels", "32", "--steps", "4", "--iters", "1"], 90),
     ("bench_vae.py", ["--resolutions", "256", "512", "--batch", "8"],
      ["--resolutions", "64", "--reps", "1", "--tool-images", "8", "--tool-resolution", "64"], 90),
+    ("bench_hdit.py", ["--batch", "128", "--sample-batch", "256"],
+     ["--batch", "8", "--sample-batch", "8", "--steps", "4", "--iters", "1"], 180),
+    ("bench_neighborhood.py", ["--grids", "64", "128", "256", "--grad"],
+     ["--grids", "32", "--tiles", "8", "--steps", "1"], 60),
 ]  # fmt: skip
 
 # ../shared/ANCHORS.md: official NVlabs/edm + k-diffusion on one H100 (bf16 + torch.compile
