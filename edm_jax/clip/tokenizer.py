@@ -1,7 +1,8 @@
 """CLIP's byte-level BPE tokenizer, as ``clip.tokenize`` (OpenAI) and ``open_clip.tokenize`` compute it.
 
 The vocabulary (``bpe_simple_vocab_16e6.txt.gz``) is data the user has: it ships with the
-``clip`` and ``open_clip`` packages and beside released weights. ``find_vocab`` looks in
+``clip`` and ``open_clip`` packages and beside released weights (a diffusers folder's ``tokenizer/merges.txt`` or ``tokenizer.json``
+holds the same merges, and is read too). ``find_vocab`` looks in
 ``$EDM_JAX_CLIP_VOCAB`` and in those installed packages; otherwise pass the path.
 
 Cleaning: ``ftfy.fix_text``, ``html.unescape`` twice, strip, whitespace runs to one space,
@@ -17,6 +18,7 @@ import functools
 import gzip
 import html
 import importlib.util
+import json
 import os
 import re
 import warnings
@@ -99,6 +101,20 @@ def clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def _read_merges(path: Path) -> list[tuple[str, ...]]:
+    """The BPE merges of a .gz vocabulary, an HF merges.txt or an HF tokenizer.json."""
+    kind = {".gz": "gzip BPE merges file", ".json": "tokenizer.json"}.get(path.suffix, "merges.txt")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        if path.suffix == ".json":
+            merges = json.loads(text)["model"]["merges"]  # "a b" strings, or [a, b] pairs
+            return [tuple(m.split() if isinstance(m, str) else m) for m in merges]
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"CLIP vocabulary {str(path)!r} is not a {kind}: {e}") from None
+    return [tuple(line.split()) for line in text.split("\n")[1 : N_MERGES + 1]]
+
+
 class Tokenizer:
     """CLIP's BPE tokenizer over one vocabulary file."""
 
@@ -106,14 +122,7 @@ class Tokenizer:
         import regex
 
         path = find_vocab(vocab_path)
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise TokenizerError(
-                f"CLIP vocabulary {str(path)!r} is not a gzip BPE merges file: {e}"
-            ) from None
-        merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
+        merges = _read_merges(path)
         if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
             raise TokenizerError(
                 f"CLIP vocabulary {str(path)!r} has {len(merges)} merge lines; expected {N_MERGES} pairs"

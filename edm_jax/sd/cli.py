@@ -1,4 +1,4 @@
-"""sample.py's Stable Diffusion job: ``--checkpoint FILE.safetensors|.ckpt --prompt ...``.
+"""sample.py's Stable Diffusion job: ``--checkpoint FILE.safetensors|.ckpt|FOLDER --prompt ...``.
 
 ``add_arguments(parser)`` defines the flags, ``fill_defaults(args)`` sets the defaults that
 differ between SD files and trained models (sampler, steps, cfg scale, seeds, batch), and
@@ -27,8 +27,11 @@ _DEFAULTS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The Stable Diffusion flags (used when --checkpoint is a .ckpt / .safetensors file)."""
-    g = p.add_argument_group("Stable Diffusion (--checkpoint FILE.safetensors or FILE.ckpt)")
+    """The Stable Diffusion flags (used when --checkpoint is a .ckpt / .safetensors file or a
+    diffusers folder)."""
+    g = p.add_argument_group(
+        "Stable Diffusion (--checkpoint FILE.safetensors, FILE.ckpt or a diffusers folder)"
+    )
     g.add_argument("--prompt", action="append", default=None,
                    help="text prompt (repeat for one prompt per seed)")  # fmt: skip
     g.add_argument("--negative-prompt", default="", help="negative prompt [default: empty]")

@@ -1,9 +1,10 @@
-"""``load_pipeline``: a released SD single-file checkpoint -> (StableDiffusion, params), cached.
+"""``load_pipeline``: a released SD checkpoint -> (StableDiffusion, params), cached.
 
-The file (.ckpt through the restricted reader, or .safetensors) is split by prefix, each
-network's architecture read from its shapes (or given), converted to Flax parameters once and
-cached beside it as ``<name>.edm_jax[-ema].npz`` (written atomically; reused while the source's
-size and mtime, and the options, are unchanged).
+A single file (.ckpt through the restricted reader, or .safetensors) is split by prefix, each
+network's architecture read from its shapes (or given); a diffusers folder is read part by part
+(``sd.diffusers_folder``). Either is converted to Flax parameters once and cached beside it as
+``<name>.edm_jax[-ema].npz`` (written atomically; reused while the sources' sizes and mtimes,
+and the options, are unchanged).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import traverse_util
 
 from edm_jax.nets import convert_openai, ldm_unet, vae
 from edm_jax.sd import checkpoint as ck
+from edm_jax.sd import diffusers_folder
 from edm_jax.sd import text as sd_text
 from edm_jax.sd.pipeline import PREDICTIONS, StableDiffusion
 
@@ -31,16 +33,21 @@ _CACHE_VERSION = 1
 
 
 def is_sd_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether path names a single-file SD checkpoint (.ckpt / .safetensors) by its suffix."""
-    return os.fspath(path).endswith(SD_SUFFIXES)
+    """Whether path names a single-file SD checkpoint (.ckpt / .safetensors, by its suffix) or
+    a diffusers folder (with model_index.json)."""
+    return os.fspath(path).endswith(SD_SUFFIXES) or diffusers_folder.is_diffusers_folder(path)
 
 
-def _prediction(prediction: str | None, config: Any, variant: str, path: str) -> str:
-    """eps / v: given, else the released config's, else SD 2 files named '768' are v."""
+def _prediction(prediction: str | None, config: Any, configs: dict, path: str) -> str:
+    """eps / v: given, else the folder's scheduler's, else the released config's, else SD 2
+    files named '768' are v."""
     if prediction is not None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {sorted(PREDICTIONS)}")
         return prediction
+    if "prediction" in configs:
+        return configs["prediction"]
+    variant = configs["variant"]
     if isinstance(config, str) and config in ldm_unet.SD_PREDICTION:
         return ldm_unet.SD_PREDICTION[config]
     return "v" if variant == "sd2" and "768" in os.path.basename(path) else "eps"
@@ -82,9 +89,11 @@ def _cache_path(path: str, ema: bool, cache_dir: str | None) -> Path:
 
 
 def _source_id(path: str, config: Any) -> dict:
-    """What a cache must match: the source file's size and mtime, the config asked for."""
-    st = os.stat(path)
-    return dict(version=_CACHE_VERSION, size=st.st_size, mtime_ns=st.st_mtime_ns, config=config)
+    """What a cache must match: the source files' sizes and mtimes, the config asked for."""
+    files = diffusers_folder.source_files(path) if os.path.isdir(path) else [Path(path)]
+    stats = {f.name if len(files) == 1 else str(f.relative_to(path)): os.stat(f) for f in files}
+    sizes = {k: [st.st_size, st.st_mtime_ns] for k, st in stats.items()}
+    return dict(version=_CACHE_VERSION, files=sizes, config=config)
 
 
 def _write_cache(cache: Path, source: dict, configs: dict, params: dict) -> None:
@@ -135,41 +144,72 @@ def load_pipeline(
     ema: bool = False, cache: bool = True, cache_dir: str | None = None, dtype: Any = jnp.float32,
     vocab: str | os.PathLike | None = None,
 ) -> tuple[StableDiffusion, dict]:  # fmt: skip
-    """(pipeline, params) of a released SD .ckpt / .safetensors file.
+    """(pipeline, params) of a released SD .ckpt / .safetensors file or a diffusers folder.
 
     ``config``: a released U-Net name ('sd15', 'sd21_v', 'sd2_base') or ldm_unet kwargs (default:
     read from the file's shapes); a config of the other SD version is refused. ``prediction``:
     'eps' or 'v' (default: the config's, else 'v' for SD 2 files whose name has '768').
     ``ema``: the 'model_ema.' U-Net. ``dtype``: the U-Net's compute dtype (bf16 on GPUs).
-    ``vocab``: the CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz).
+    ``vocab``: the CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz; a diffusers
+    folder's default is its tokenizer/merges.txt).
     """
-    where = os.fspath(path)
-    if not os.path.isfile(where):
-        raise FileNotFoundError(f"no such checkpoint: {where}")
-    if not is_sd_checkpoint(where):
-        raise ValueError(f"{where}: an SD checkpoint is a {' or '.join(SD_SUFFIXES)} file")
+    where = os.fspath(path).rstrip("/") or "/"
+    folder = _check_source(where, config, ema)
     source = _source_id(where, config)
     cache_file = _cache_path(where, ema, cache_dir)
     found = _read_cache(cache_file, source) if cache else None
     if found is None:
-        from edm_jax.nets import reader
-
-        parts = ck.split_checkpoint(reader.read_state_dict(where), where)
-        configs, params = _convert(parts, config, ema)
-        configs["variant"] = parts.variant
+        configs, params = _convert_source(where, folder, config, ema)
         if cache:
             _write_cache(cache_file, source, configs, params)
     else:
         configs, params = found
-    variant = configs["variant"]
+    if vocab is None and folder:
+        vocab = diffusers_folder.check_tokenizer(where)
     pipe = _build(
         configs,
-        variant,
-        _prediction(prediction, config, variant, where),
+        configs["variant"],
+        _prediction(prediction, config, configs, where),
         dtype,
         None if vocab is None else os.fspath(vocab),
     )
     return pipe, jax.tree.map(jnp.asarray, params)
+
+
+def _check_source(where: str, config: Any, ema: bool) -> bool:
+    """True for a diffusers folder, False for a single file; one line for anything else."""
+    if os.path.isdir(where):
+        if not diffusers_folder.is_diffusers_folder(where):
+            raise ValueError(
+                f"{where} is a folder without {diffusers_folder.INDEX}: an SD checkpoint is a "
+                f"{' or '.join(SD_SUFFIXES)} file or a diffusers StableDiffusionPipeline folder"
+            )
+        if ema or config is not None:
+            raise ValueError(
+                f"{where}: ema and config apply to single-file checkpoints; a diffusers folder "
+                "has one U-Net, described by its unet/config.json"
+            )
+        return True
+    if not os.path.isfile(where):
+        raise FileNotFoundError(f"no such checkpoint: {where}")
+    if not is_sd_checkpoint(where):
+        raise ValueError(
+            f"{where}: an SD checkpoint is a {' or '.join(SD_SUFFIXES)} file or a diffusers folder"
+        )
+    return False
+
+
+def _convert_source(where: str, folder: bool, config: Any, ema: bool) -> tuple[dict, dict]:
+    """(configs, float32 params) of a folder or a single file."""
+    if folder:
+        configs, params, prediction = diffusers_folder.read_folder(where)
+        return configs | dict(prediction=prediction), jax.tree.map(np.asarray, params)
+    from edm_jax.nets import reader
+
+    parts = ck.split_checkpoint(reader.read_state_dict(where), where)
+    configs, params = _convert(parts, config, ema)
+    configs["variant"] = parts.variant
+    return configs, params
 
 
 def describe(pipe: StableDiffusion) -> str:
