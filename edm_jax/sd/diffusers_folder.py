@@ -213,7 +213,7 @@ def _text_options(folder: Path, text_cfg: dict) -> dict[str, Any]:
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"text_encoder hidden_act {act!r}; supported: 'quick_gelu', 'gelu'")
     tok = folder / "tokenizer"
-    special = {}
+    special: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (tok / name).is_file():
             special = {**json.loads((tok / name).read_text()), **special}
