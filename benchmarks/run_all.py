@@ -47,6 +47,9 @@ RUNS = [
      ["--batch", "8", "--sample-batch", "8", "--steps", "4", "--iters", "1"], 180),
     ("bench_neighborhood.py", ["--grids", "64", "128", "256", "--grad"],
      ["--grids", "32", "--tiles", "8", "--steps", "1"], 60),
+    # needs torch + diffusers + transformers on the machine (carried wheels)
+    ("bench_t2i_vs_diffusers.py", ["--full", "--size", "512", "--half"],
+     ["--steps", "3", "--batches", "1", "--repeats", "1"], 240),
 ]  # fmt: skip
 
 # ../shared/ANCHORS.md: official NVlabs/edm + k-diffusion on one H100 (bf16 + torch.compile
