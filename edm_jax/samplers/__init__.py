@@ -15,7 +15,7 @@ from typing import Any
 
 from edm_jax.checks import did_you_mean
 from edm_jax.samplers.core import ancestral_step, to_d
-from edm_jax.samplers.declare import Declaration, declaration_of, declare
+from edm_jax.samplers.declare import CONVENTION, Declaration, declaration_of, declare
 from edm_jax.samplers.dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from edm_jax.samplers.edm import ablation_sampler, edm_sampler, sample_heun_sde
 from edm_jax.samplers.kdiffusion import (
@@ -60,9 +60,6 @@ class SamplerInfo:
         return options.get(self.noise_option, self.options[self.noise_option]) != 0
 
 
-_RANGE_CONVENTION = ("rng", "noise_sampler", "return_info", "extra_args", "callback", "disable")
-
-
 def _declared(fn: Callable) -> SamplerInfo:
     """A grid sampler's entry, read from the Declaration it was made from (one set of defaults)."""
     d = declaration_of(fn)
@@ -73,7 +70,7 @@ def _ranged(fn: Callable, takes_n: bool = False) -> SamplerInfo:
     """dpm_fast / dpm_adaptive (a sigma range, not a grid): options read from fn's signature."""
     params = inspect.signature(fn).parameters.values()
     options = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-    options = {k: v for k, v in options.items() if k not in _RANGE_CONVENTION}
+    options = {k: v for k, v in options.items() if k not in (*CONVENTION, "return_info")}
     return SamplerInfo(fn, "range", options, False, "eta", takes_n)
 
 

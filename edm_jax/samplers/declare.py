@@ -1,4 +1,4 @@
-"""One home for the grid samplers' calling convention: ``declare(Declaration, build)``.
+"""One home for the grid samplers' calling convention: ``@declare`` and its ``Declaration``.
 
 ``@declare(name, options, noise=..., noise_option=...)`` on a step builder ``build(denoise, x,
 sigmas, noise, **options) -> (step, carry)`` (``step(carry, i) -> (carry, (x, denoised[,
@@ -20,7 +20,7 @@ from edm_jax.samplers.core import finish, is_zero, prepare, scan_steps, with_ext
 from edm_jax.samplers.noise import resolve_brownian, resolve_noise
 
 NOISE_KINDS = ("none", "gaussian", "brownian")
-_CONVENTION = ("rng", "noise_sampler", "return_trajectory", "extra_args", "callback", "disable")
+CONVENTION = ("rng", "noise_sampler", "return_trajectory", "extra_args", "callback", "disable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _signature(decl: Declaration) -> inspect.Signature:
     params += [inspect.Parameter(n, keyword, default=None) for n in ("rng", "noise_sampler")]
     params += [inspect.Parameter(k, keyword, default=v) for k, v in decl.options.items()]
     params.append(inspect.Parameter("return_trajectory", keyword, default=False))
-    params += [inspect.Parameter(n, keyword, default=None) for n in _CONVENTION[3:]]
+    params += [inspect.Parameter(n, keyword, default=None) for n in CONVENTION[3:]]
     return inspect.Signature(params)
 
 
@@ -104,7 +104,7 @@ def _make(decl: Declaration, build: Callable) -> Callable:
         if unknown:
             raise TypeError(
                 f"{fname}() got an unexpected keyword argument {unknown[0]!r}; "
-                f"valid options: {sorted(decl.options)} and {list(_CONVENTION)}"
+                f"valid options: {sorted(decl.options)} and {list(CONVENTION)}"
             )
         opts = {**decl.options, **options}
         if decl.check is not None:
