@@ -133,6 +133,8 @@ def test_unknown_option_is_a_type_error_naming_the_valid_ones(name, bad):
     with pytest.raises(TypeError, match=rf"sample_{name}\(\) got an unexpected keyword argument "
                        rf"'{bad}'; valid options: {re.escape(str(valid))}"):  # fmt: skip
         fn(DENOISE, X, SIGMAS, **{bad: 1.0})
+    with pytest.raises(TypeError, match=r"argument 's_chrun' \(did you mean 's_churn'\?\)"):
+        samplers.sample_heun(DENOISE, X, SIGMAS, s_chrun=1.0)
 
 
 def test_option_checks_come_before_compute():

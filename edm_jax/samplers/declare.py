@@ -16,6 +16,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edm_jax.checks import did_you_mean
 from edm_jax.samplers.core import finish, is_zero, prepare, scan_steps, with_extra_args
 from edm_jax.samplers.noise import resolve_brownian, resolve_noise
 
@@ -103,7 +104,8 @@ def _make(decl: Declaration, build: Callable) -> Callable:
         unknown = sorted(set(options) - set(decl.options))
         if unknown:
             raise TypeError(
-                f"{fname}() got an unexpected keyword argument {unknown[0]!r}; "
+                f"{fname}() got an unexpected keyword argument {unknown[0]!r}"
+                f"{did_you_mean(unknown[0], [*decl.options, *CONVENTION])}; "
                 f"valid options: {sorted(decl.options)} and {list(CONVENTION)}"
             )
         opts = {**decl.options, **options}
