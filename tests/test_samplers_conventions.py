@@ -1,6 +1,7 @@
 """Samplers describe themselves (SAMPLER_INFO) and take k-diffusion's calling conventions."""
 
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +110,36 @@ def test_no_callback_no_host_call():
 def test_bad_extra_args():
     with pytest.raises(ValueError, match="extra_args must be a dict"):
         samplers.sample_euler(DENOISE, X, SIGMAS, extra_args=[1])
+
+
+def test_declared_signature_lists_the_options():
+    """help()/inspect see each declared sampler's options with their defaults."""
+    params = inspect.signature(samplers.sample_euler).parameters
+    assert list(params) == ["denoise", "x", "sigmas", "rng", "noise_sampler", "s_churn", "s_tmin",
+                            "s_tmax", "s_noise", "return_trajectory", "extra_args", "callback",
+                            "disable"]  # fmt: skip
+    assert params["s_churn"].default == 0.0 and params["s_tmax"].default == float("inf")
+    assert inspect.signature(samplers.sample_heun_sde).parameters["s_churn"].default == 40.0
+    assert samplers.sample_dpmpp_sde.__name__ == "sample_dpmpp_sde"
+    assert "r=0.5" in samplers.sample_dpmpp_sde.__doc__
+    info = samplers.SAMPLER_INFO["lms"]  # the registry holds the declaration's own options
+    assert info.options is samplers.declaration_of(samplers.sample_lms).options
+
+
+@pytest.mark.parametrize("name,bad", [("euler", "eta"), ("dpmpp_2m", "order"), ("lms", "s_churn")])
+def test_unknown_option_is_a_type_error_naming_the_valid_ones(name, bad):
+    fn = samplers.SAMPLERS[name]
+    valid = sorted(samplers.SAMPLER_INFO[name].options)
+    with pytest.raises(TypeError, match=rf"sample_{name}\(\) got an unexpected keyword argument "
+                       rf"'{bad}'; valid options: {re.escape(str(valid))}"):  # fmt: skip
+        fn(DENOISE, X, SIGMAS, **{bad: 1.0})
+    with pytest.raises(TypeError, match=r"argument 's_chrun' \(did you mean 's_churn'\?\)"):
+        samplers.sample_heun(DENOISE, X, SIGMAS, s_chrun=1.0)
+
+
+def test_option_checks_come_before_compute():
+    """lms order and unipc order are checked (one line) before the grid is even looked at."""
+    with pytest.raises(ValueError, match="lms order must be an int >= 1, got 0"):
+        samplers.sample_lms(DENOISE, X, "not a grid", order=0)
+    with pytest.raises(ValueError, match="unipc order must be 1, 2, 3 or 4, got 5"):
+        samplers.sample_unipc(DENOISE, X, "not a grid", order=5)

@@ -4,15 +4,18 @@
 All take ``(denoise, x, sigmas, *, rng=None, noise_sampler=None, extra_args=None,
 callback=None, disable=None, **options)`` except ``dpm_fast(denoise, x, sigma_min,
 sigma_max, n)`` and ``dpm_adaptive(denoise, x, sigma_min, sigma_max)``, as in k-diffusion.
-``SAMPLER_INFO`` describes each: grid or range, whether it adds noise, its options.
+``SAMPLER_INFO`` describes each: grid or range, whether it adds noise, its options; a grid
+sampler's entry is read from the ``Declaration`` that ``declare`` made it from.
 """
 
 import dataclasses
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from edm_jax.checks import did_you_mean
 from edm_jax.samplers.core import ancestral_step, to_d
+from edm_jax.samplers.declare import CONVENTION, Declaration, declaration_of, declare
 from edm_jax.samplers.dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from edm_jax.samplers.edm import ablation_sampler, edm_sampler, sample_heun_sde
 from edm_jax.samplers.kdiffusion import (
@@ -45,7 +48,7 @@ class SamplerInfo:
 
     fn: Callable
     takes: str  # 'grid' or 'range'
-    options: dict[str, Any]
+    options: Mapping[str, Any]
     stochastic: bool = False  # adds noise with its default options
     noise_option: str | None = None
     takes_n: bool = False
@@ -57,42 +60,38 @@ class SamplerInfo:
         return options.get(self.noise_option, self.options[self.noise_option]) != 0
 
 
-_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-_ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
-_DPM_RANGE = {"eta": 0.0, "s_noise": 1.0}
-_ADAPTIVE = {
-    "order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05, "pcoeff": 0.0, "icoeff": 1.0,
-    "dcoeff": 0.0, "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0, "max_steps": 10_000,
-}  # fmt: skip
-_HEUN_SDE = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+def _declared(fn: Callable) -> SamplerInfo:
+    """A grid sampler's entry, read from the Declaration it was made from (one set of defaults)."""
+    d = declaration_of(fn)
+    return SamplerInfo(fn, "grid", d.options, d.stochastic, d.noise_option)
 
 
-def _churned(fn, options=_CHURN) -> SamplerInfo:
-    return SamplerInfo(fn, "grid", dict(options), options["s_churn"] != 0, "s_churn")
-
-
-def _ancestral(fn, **extra) -> SamplerInfo:
-    return SamplerInfo(fn, "grid", _ANCESTRAL | extra, True, "eta")
+def _ranged(fn: Callable, takes_n: bool = False) -> SamplerInfo:
+    """dpm_fast / dpm_adaptive (a sigma range, not a grid): options read from fn's signature."""
+    params = inspect.signature(fn).parameters.values()
+    options = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    options = {k: v for k, v in options.items() if k not in (*CONVENTION, "return_info")}
+    return SamplerInfo(fn, "range", options, False, "eta", takes_n)
 
 
 SAMPLER_INFO: dict[str, SamplerInfo] = {
-    "euler": _churned(sample_euler),
-    "euler_ancestral": _ancestral(sample_euler_ancestral),
-    "heun": _churned(sample_heun),
-    "heun_sde": _churned(sample_heun_sde, _HEUN_SDE),
-    "dpm_2": _churned(sample_dpm_2),
-    "dpm_2_ancestral": _ancestral(sample_dpm_2_ancestral),
-    "lms": SamplerInfo(sample_lms, "grid", {"order": 4}),
-    "dpm_fast": SamplerInfo(sample_dpm_fast, "range", dict(_DPM_RANGE), False, "eta", True),
-    "dpm_adaptive": SamplerInfo(sample_dpm_adaptive, "range", dict(_ADAPTIVE), False, "eta"),
-    "dpmpp_2s_ancestral": _ancestral(sample_dpmpp_2s_ancestral),
-    "dpmpp_sde": _ancestral(sample_dpmpp_sde, r=0.5),
-    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "grid", {}),
-    "dpm++": SamplerInfo(sample_dpmpp_2m, "grid", {}),
-    "dpmpp_2m_sde": _ancestral(sample_dpmpp_2m_sde, solver_type="midpoint"),
-    "dpmpp_3m_sde": _ancestral(sample_dpmpp_3m_sde),
-    "ipndm": SamplerInfo(sample_ipndm, "grid", {"order": 4}),
-    "unipc": SamplerInfo(sample_unipc, "grid", {"order": 3, "lower_order_final": True}),
+    "euler": _declared(sample_euler),
+    "euler_ancestral": _declared(sample_euler_ancestral),
+    "heun": _declared(sample_heun),
+    "heun_sde": _declared(sample_heun_sde),
+    "dpm_2": _declared(sample_dpm_2),
+    "dpm_2_ancestral": _declared(sample_dpm_2_ancestral),
+    "lms": _declared(sample_lms),
+    "dpm_fast": _ranged(sample_dpm_fast, takes_n=True),
+    "dpm_adaptive": _ranged(sample_dpm_adaptive),
+    "dpmpp_2s_ancestral": _declared(sample_dpmpp_2s_ancestral),
+    "dpmpp_sde": _declared(sample_dpmpp_sde),
+    "dpmpp_2m": _declared(sample_dpmpp_2m),
+    "dpm++": _declared(sample_dpmpp_2m),
+    "dpmpp_2m_sde": _declared(sample_dpmpp_2m_sde),
+    "dpmpp_3m_sde": _declared(sample_dpmpp_3m_sde),
+    "ipndm": _declared(sample_ipndm),
+    "unipc": _declared(sample_unipc),
 }
 
 SAMPLERS: dict[str, Callable] = {name: info.fn for name, info in SAMPLER_INFO.items()}
@@ -126,6 +125,9 @@ __all__ = [
     "SAMPLERS",
     "SAMPLER_INFO",
     "SamplerInfo",
+    "Declaration",
+    "declaration_of",
+    "declare",
     "ablation_sampler",
     "ancestral_step",
     "brownian_noise_sampler",

@@ -5,6 +5,8 @@ times from ``torch.tensor(sigma)``), the time grid and every step coefficient ar
 scalars whatever x's dtype, so float64 runs agree with it to rounding. Float32 exp/log/expm1
 are rounded from float64 when x64 is on (correctly rounded, as glibc's). The adaptive
 solver's PID step-size controller runs in one lax.while_loop.
+Both take a sigma range, not a grid, so they keep k-diffusion's own signatures rather than
+``declare``'s (``SAMPLER_INFO`` reads their options from those signatures).
 """
 
 from __future__ import annotations

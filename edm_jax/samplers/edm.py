@@ -4,6 +4,8 @@ These keep NVlabs/edm's calling convention: ``latents`` are unit-variance noise 
 grid is built inside from ``num_steps, sigma_min, sigma_max, rho``. ``round_sigma`` and
 ``net_sigma_min``/``net_sigma_max`` stand for the network's (``precond.round_sigma`` etc.).
 ``sample_heun_sde`` is Algorithm 2 with EDM's stochastic settings, k-diffusion signature.
+``edm_sampler`` and ``ablation_sampler`` are exact ports of NVlabs' functions (their grid built
+inside from latents), so they keep NVlabs' signature rather than ``declare``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from edm_jax import schedules
 from edm_jax.checks import check_choice
 from edm_jax.samplers.core import call, finish, is_zero, prepare, scan_steps
-from edm_jax.samplers.kdiffusion import sample_heun
+from edm_jax.samplers.kdiffusion import churned, heun_correction
 from edm_jax.samplers.noise import resolve_noise
 
 Array = jax.Array
@@ -92,38 +94,13 @@ def edm_sampler(
     return finish(x, traj, return_trajectory)
 
 
-def sample_heun_sde(
-    denoise,
-    x,
-    sigmas,
-    *,
-    rng=None,
-    noise_sampler=None,
-    s_churn=40.0,
-    s_tmin=0.05,
-    s_tmax=50.0,
-    s_noise=1.003,
-    return_trajectory=False,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
-    """EDM Algorithm 2 (stochastic Heun) with EDM's ImageNet-64 settings as defaults."""
-    return sample_heun(
-        denoise,
-        x,
-        sigmas,
-        rng=rng,
-        noise_sampler=noise_sampler,
-        s_churn=s_churn,
-        s_tmin=s_tmin,
-        s_tmax=s_tmax,
-        s_noise=s_noise,
-        return_trajectory=return_trajectory,
-        extra_args=extra_args,
-        callback=callback,
-        disable=disable,
-    )
+_HEUN_SDE = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+sample_heun_sde = churned(
+    "heun_sde",
+    "EDM Algorithm 2 (stochastic Heun) with EDM's ImageNet-64 settings as defaults.",
+    heun_correction,
+    _HEUN_SDE,
+)
 
 
 # --------------------------------------------------------------------------- ablation sampler

@@ -1,8 +1,8 @@
 """k-diffusion's samplers (same signatures, option names and semantics), each one lax.scan.
 
-``sample_<name>(denoise, x, sigmas, *, rng=None, noise_sampler=None, **options) -> x``,
-with ``x`` the initial noise already scaled by sigmas[0] and ``sigmas`` ending in 0.
-``return_trajectory=True`` also returns {'x': [N, ...], 'denoised': [N, ...]} per step.
+Each is a step builder ``(denoise, x, sigmas, noise, **options) -> (step, carry)`` that
+``@declare`` (name, option defaults, noise) makes into ``sample_<name>(denoise, x, sigmas,
+*, rng=None, noise_sampler=None, **options) -> x``, as in k-diffusion.
 """
 
 from __future__ import annotations
@@ -13,20 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edm_jax.samplers.core import (
-    ancestral_step,
-    call,
-    finish,
-    is_zero,
-    prepare,
-    scan_steps,
-    to_d,
-    with_extra_args,
-)
-from edm_jax.samplers.noise import resolve_brownian, resolve_noise
+from edm_jax.samplers.core import ancestral_step, call, to_d
+from edm_jax.samplers.declare import declare
 
 Array = jax.Array
 INF = float("inf")
+CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": INF, "s_noise": 1.0}
+ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
 
 
 def _churn(x, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
@@ -53,35 +46,11 @@ def _noise_if(pred, noise, sigma, sigma_next, scale):
     return jnp.where(pred, noise(sigma, jnp.where(pred, sigma_next, sigma)) * scale, 0.0)
 
 
-def _churn_noise(rng, noise_sampler, x, s_churn, name):
-    if is_zero(s_churn) and noise_sampler is None:
-        return None
-    return resolve_noise(noise_sampler, rng, x, name)
-
-
-def _first_order_churn_sampler(name, second_order):
+def _churn_steps(second_order):
     """Euler / Heun / DPM-2 with EDM churn: they differ only in the correction step."""
 
-    def sampler(
-        denoise,
-        x,
-        sigmas,
-        *,
-        rng=None,
-        noise_sampler=None,
-        s_churn=0.0,
-        s_tmin=0.0,
-        s_tmax=INF,
-        s_noise=1.0,
-        return_trajectory=False,
-        extra_args=None,
-        callback=None,
-        disable=None,
-    ):
-        x, sigmas = prepare(x, sigmas)
-        denoise = with_extra_args(denoise, extra_args)
+    def build(denoise, x, sigmas, noise, *, s_churn, s_tmin, s_tmax, s_noise):
         n = sigmas.shape[0] - 1
-        noise = _churn_noise(rng, noise_sampler, x, s_churn, name)
 
         def step(x, i):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -97,14 +66,12 @@ def _first_order_churn_sampler(name, second_order):
             )
             return x_new, (x, denoised, sigma_hat)
 
-        x, traj = scan_steps(step, x, n, return_trajectory, callback, sigmas)
-        return finish(x, traj, return_trajectory)
+        return step, x
 
-    sampler.__name__ = f"sample_{name}"
-    return sampler
+    return build
 
 
-def _heun_correction(denoise, x, d, sigma_hat, sigma_next):
+def heun_correction(denoise, x, d, sigma_hat, sigma_next):
     """Heun's 2nd-order step (EDM Algorithm 1 lines 6-7)."""
     dt = sigma_next - sigma_hat
     x_2 = x + d * dt
@@ -120,35 +87,25 @@ def _dpm2_correction(denoise, x, d, sigma_hat, sigma_next):
     return x + d_2 * (sigma_next - sigma_hat)
 
 
-sample_euler = _first_order_churn_sampler("euler", None)
-sample_euler.__doc__ = "Euler steps with optional churn (EDM Algorithm 2, Euler)."
-sample_heun = _first_order_churn_sampler("heun", _heun_correction)
-sample_heun.__doc__ = "Heun steps with optional churn (EDM Algorithms 1 and 2)."
-sample_dpm_2 = _first_order_churn_sampler("dpm_2", _dpm2_correction)
-sample_dpm_2.__doc__ = "DPM-Solver-2-inspired steps with optional churn (k-diffusion)."
+def churned(name: str, doc: str, second_order, options=CHURN):
+    """A churn sampler (EDM's s_churn, s_tmin, s_tmax, s_noise) with this correction step."""
+    declaration = declare(name, options, noise="gaussian", noise_option="s_churn", doc=doc)
+    return declaration(_churn_steps(second_order))
 
 
-def _ancestral_sampler(name, second_order):
+sample_euler = churned("euler", "Euler steps with optional churn (EDM Algorithm 2, Euler).", None)
+sample_heun = churned(
+    "heun", "Heun steps with optional churn (EDM Algorithms 1 and 2).", heun_correction
+)
+sample_dpm_2 = churned(
+    "dpm_2", "DPM-Solver-2-inspired steps with optional churn (k-diffusion).", _dpm2_correction
+)
+
+
+def _ancestral_steps(second_order):
     """Euler / DPM-2 ancestral: a deterministic step to sigma_down, then noise sigma_up."""
 
-    def sampler(
-        denoise,
-        x,
-        sigmas,
-        *,
-        rng=None,
-        noise_sampler=None,
-        eta=1.0,
-        s_noise=1.0,
-        return_trajectory=False,
-        extra_args=None,
-        callback=None,
-        disable=None,
-    ):
-        x, sigmas = prepare(x, sigmas)
-        denoise = with_extra_args(denoise, extra_args)
-        noise = None if is_zero(eta) else resolve_noise(noise_sampler, rng, x, name)
-
+    def build(denoise, x, sigmas, noise, *, eta, s_noise):
         def step(x, i):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = call(denoise, x, sigma)
@@ -164,17 +121,22 @@ def _ancestral_sampler(name, second_order):
             x_new = x_new + _noise_if(sigma_next > 0, noise, sigma, sigma_next, s_noise * sigma_up)
             return x_new, (x, denoised)
 
-        x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory, callback, sigmas)
-        return finish(x, traj, return_trajectory)
+        return step, x
 
-    sampler.__name__ = f"sample_{name}"
-    return sampler
+    return build
 
 
-sample_euler_ancestral = _ancestral_sampler("euler_ancestral", None)
-sample_euler_ancestral.__doc__ = "Ancestral sampling with Euler steps."
-sample_dpm_2_ancestral = _ancestral_sampler("dpm_2_ancestral", _dpm2_correction)
-sample_dpm_2_ancestral.__doc__ = "Ancestral sampling with DPM-Solver-2 steps."
+def _ancestral(name, noise="gaussian", check=None, doc=None, **extra):
+    """``declare`` for an eta sampler: eta, s_noise and its own options."""
+    return declare(name, ANCESTRAL | extra, noise=noise, noise_option="eta", check=check, doc=doc)
+
+
+sample_euler_ancestral = _ancestral("euler_ancestral", doc="Ancestral sampling with Euler steps.")(
+    _ancestral_steps(None)
+)
+sample_dpm_2_ancestral = _ancestral(
+    "dpm_2_ancestral", doc="Ancestral sampling with DPM-Solver-2 steps."
+)(_ancestral_steps(_dpm2_correction))
 
 
 # --------------------------------------------------------------------------- LMS
@@ -207,24 +169,15 @@ def lms_coefficients(sigmas: Array, i, order: int) -> Array:
     return jnp.stack(coeffs)
 
 
-def sample_lms(
-    denoise,
-    x,
-    sigmas,
-    *,
-    order=4,
-    return_trajectory=False,
-    rng=None,
-    noise_sampler=None,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
-    """Linear multistep (Adams-Bashforth in sigma) of any order, history in the scan carry."""
+def _check_lms(options) -> None:
+    order = options["order"]
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"lms order must be an int >= 1, got {order!r}")
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
+
+
+@declare("lms", {"order": 4}, check=_check_lms)
+def sample_lms(denoise, x, sigmas, noise, *, order):
+    """Linear multistep (Adams-Bashforth in sigma) of any order, history in the scan carry."""
     ds = jnp.zeros((order,) + x.shape, x.dtype)  # ds[0] newest
 
     def step(carry, i):
@@ -235,10 +188,7 @@ def sample_lms(
         x_new = x + jnp.tensordot(coeffs, ds, axes=1)
         return (x_new, ds), (x, denoised)
 
-    (x, _), traj = scan_steps(
-        step, (x, ds), sigmas.shape[0] - 1, return_trajectory, callback, sigmas
-    )
-    return finish(x, traj, return_trajectory)
+    return step, (x, ds)
 
 
 # --------------------------------------------------------------------------- DPM-Solver++
@@ -252,24 +202,9 @@ def _sigma(t):
     return jnp.exp(-t)
 
 
-def sample_dpmpp_2s_ancestral(
-    denoise,
-    x,
-    sigmas,
-    *,
-    rng=None,
-    noise_sampler=None,
-    eta=1.0,
-    s_noise=1.0,
-    return_trajectory=False,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
+@_ancestral("dpmpp_2s_ancestral")
+def sample_dpmpp_2s_ancestral(denoise, x, sigmas, noise, *, eta, s_noise):
     """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
-    noise = None if is_zero(eta) else resolve_noise(noise_sampler, rng, x, "dpmpp_2s_ancestral")
 
     def second(x, sigma, sigma_down, denoised):
         t, t_next = _t(sigma), _t(sigma_down)
@@ -288,31 +223,12 @@ def sample_dpmpp_2s_ancestral(
         x_new = x_new + _noise_if(sigma_next > 0, noise, sigma, sigma_next, s_noise * sigma_up)
         return x_new, (x, denoised)
 
-    x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory, callback, sigmas)
-    return finish(x, traj, return_trajectory)
+    return step, x
 
 
-def sample_dpmpp_sde(
-    denoise,
-    x,
-    sigmas,
-    *,
-    rng=None,
-    noise_sampler=None,
-    eta=1.0,
-    s_noise=1.0,
-    r=0.5,
-    return_trajectory=False,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
+@_ancestral("dpmpp_sde", "brownian", r=0.5)
+def sample_dpmpp_sde(denoise, x, sigmas, noise, *, eta, s_noise, r):
     """DPM-Solver++ (stochastic, two stages per step), Brownian-tree noise by default."""
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
-    noise = (
-        None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_sde", r=r)
-    )
     fac = 1 / (2 * r)
 
     def sde_step(x, sigma, sigma_next, denoised):
@@ -340,25 +256,12 @@ def sample_dpmpp_sde(
         )
         return x_new, (x, denoised)
 
-    x, traj = scan_steps(step, x, sigmas.shape[0] - 1, return_trajectory, callback, sigmas)
-    return finish(x, traj, return_trajectory)
+    return step, x
 
 
-def sample_dpmpp_2m(
-    denoise,
-    x,
-    sigmas,
-    *,
-    return_trajectory=False,
-    rng=None,
-    noise_sampler=None,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
+@declare("dpmpp_2m")
+def sample_dpmpp_2m(denoise, x, sigmas, noise):
     """DPM-Solver++(2M): second-order multistep in log sigma."""
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
 
     def step(carry, i):
         x, old_denoised = carry
@@ -375,10 +278,7 @@ def sample_dpmpp_2m(
         x_new = (sigma_next / sigma) * x - jnp.expm1(-h) * denoised_d
         return (x_new, denoised), (x, denoised)
 
-    (x, _), traj = scan_steps(
-        step, (x, jnp.zeros_like(x)), sigmas.shape[0] - 1, return_trajectory, callback, sigmas
-    )
-    return finish(x, traj, return_trajectory)
+    return step, (x, jnp.zeros_like(x))
 
 
 def _sde_noise(noise, sigma, sigma_next, eta_h, s_noise):
@@ -388,29 +288,15 @@ def _sde_noise(noise, sigma, sigma_next, eta_h, s_noise):
     return noise(sigma, sigma_next) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
 
 
-def sample_dpmpp_2m_sde(
-    denoise,
-    x,
-    sigmas,
-    *,
-    rng=None,
-    noise_sampler=None,
-    eta=1.0,
-    s_noise=1.0,
-    solver_type="midpoint",
-    return_trajectory=False,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
-    """DPM-Solver++(2M) SDE with the 'midpoint' or 'heun' correction; Brownian-tree noise."""
+def _check_solver_type(options) -> None:
+    solver_type = options["solver_type"]
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
-    noise = (
-        None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_2m_sde")
-    )
+
+
+@_ancestral("dpmpp_2m_sde", "brownian", _check_solver_type, solver_type="midpoint")
+def sample_dpmpp_2m_sde(denoise, x, sigmas, noise, *, eta, s_noise, solver_type):
+    """DPM-Solver++(2M) SDE with the 'midpoint' or 'heun' correction; Brownian-tree noise."""
 
     def sde_step(x, i, sigma, sigma_next, denoised, old_denoised, h_last):
         h = _t(sigma_next) - _t(sigma)
@@ -432,11 +318,7 @@ def sample_dpmpp_2m_sde(
         )
         return (x_new, denoised, h), (x, denoised)
 
-    carry = (x, jnp.zeros_like(x), jnp.ones([], x.dtype))
-    (x, _, _), traj = scan_steps(
-        step, carry, sigmas.shape[0] - 1, return_trajectory, callback, sigmas
-    )
-    return finish(x, traj, return_trajectory)
+    return step, (x, jnp.zeros_like(x), jnp.ones([], x.dtype))
 
 
 def _dpmpp_3m_update(x, i, h, h_eta, denoised, d_1, d_2, h_1, h_2):
@@ -454,26 +336,9 @@ def _dpmpp_3m_update(x, i, h, h_eta, denoised, d_1, d_2, h_1, h_2):
     return jnp.where(i >= 2, third, jnp.where(i == 1, second, x))
 
 
-def sample_dpmpp_3m_sde(
-    denoise,
-    x,
-    sigmas,
-    *,
-    rng=None,
-    noise_sampler=None,
-    eta=1.0,
-    s_noise=1.0,
-    return_trajectory=False,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
+@_ancestral("dpmpp_3m_sde", "brownian")
+def sample_dpmpp_3m_sde(denoise, x, sigmas, noise, *, eta, s_noise):
     """DPM-Solver++(3M) SDE: third-order multistep with Brownian-tree noise."""
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
-    noise = (
-        None if is_zero(eta) else resolve_brownian(noise_sampler, rng, x, sigmas, "dpmpp_3m_sde")
-    )
 
     def sde_step(x, i, sigma, sigma_next, denoised, d_1, d_2, h_1, h_2):
         h = _t(sigma_next) - _t(sigma)
@@ -492,8 +357,4 @@ def sample_dpmpp_3m_sde(
         return (x_new, denoised, d_1, h, h_1), (x, denoised)
 
     one = jnp.ones([], x.dtype)
-    carry = (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one)
-    (x, *_), traj = scan_steps(
-        step, carry, sigmas.shape[0] - 1, return_trajectory, callback, sigmas
-    )
-    return finish(x, traj, return_trajectory)
+    return step, (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one)

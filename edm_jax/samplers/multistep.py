@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from edm_jax.samplers.core import call, finish, prepare, scan_steps, to_d, with_extra_args
+from edm_jax.samplers.core import call, to_d
+from edm_jax.samplers.declare import declare
 
 Array = jax.Array
 
@@ -23,24 +24,17 @@ _AB = (
 )
 
 
-def sample_ipndm(
-    denoise,
-    x,
-    sigmas,
-    *,
-    order=4,
-    return_trajectory=False,
-    rng=None,
-    noise_sampler=None,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
+def _check_order(name):
+    def check(options) -> None:
+        if options["order"] not in (1, 2, 3, 4):
+            raise ValueError(f"{name} order must be 1, 2, 3 or 4, got {options['order']!r}")
+
+    return check
+
+
+@declare("ipndm", {"order": 4}, check=_check_order("ipndm"))
+def sample_ipndm(denoise, x, sigmas, noise, *, order):
     """Improved PNDM: Adams-Bashforth of order min(i + 1, order) on the EDM ODE (order <= 4)."""
-    if order not in (1, 2, 3, 4):
-        raise ValueError(f"ipndm order must be 1, 2, 3 or 4, got {order!r}")
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
     table = jnp.zeros((4, 4), x.dtype)
     for k, row in enumerate(_AB):
         table = table.at[k, : len(row)].set(jnp.asarray(row, x.dtype))
@@ -53,11 +47,7 @@ def sample_ipndm(
         x_new = x + (sigmas[i + 1] - sigmas[i]) * jnp.tensordot(coeffs, ds, axes=1)
         return (x_new, ds), (x, denoised)
 
-    ds = jnp.zeros((order,) + x.shape, x.dtype)
-    (x, _), traj = scan_steps(
-        step, (x, ds), sigmas.shape[0] - 1, return_trajectory, callback, sigmas
-    )
-    return finish(x, traj, return_trajectory)
+    return step, (x, jnp.zeros((order,) + x.shape, x.dtype))
 
 
 def _unipc_coefficients(h, rks, k):
@@ -96,20 +86,8 @@ def _unipc_update(denoise, x, models, lams, sigma, sigma_next, k):
     return x_t, model_t
 
 
-def sample_unipc(
-    denoise,
-    x,
-    sigmas,
-    *,
-    order=3,
-    lower_order_final=True,
-    return_trajectory=False,
-    rng=None,
-    noise_sampler=None,
-    extra_args=None,
-    callback=None,
-    disable=None,
-):
+@declare("unipc", {"order": 3, "lower_order_final": True}, check=_check_order("unipc"))
+def sample_unipc(denoise, x, sigmas, noise, *, order, lower_order_final):
     """UniPC-bh2 multistep predictor-corrector (data prediction), order warm-up, N NFE.
 
     ``lower_order_final`` lowers the order of the last steps (to 1 at the last positive
@@ -117,10 +95,6 @@ def sample_unipc(
     The UniPC reference and diffusers' UniPCMultistepScheduler lower it at any step count,
     so at 10+ steps their last steps are of lower order than ours (ours keeps ``order``).
     """
-    if order not in (1, 2, 3, 4):
-        raise ValueError(f"unipc order must be 1, 2, 3 or 4, got {order!r}")
-    x, sigmas = prepare(x, sigmas)
-    denoise = with_extra_args(denoise, extra_args)
     n = sigmas.shape[0] - 1
     models = jnp.zeros((order,) + x.shape, x.dtype).at[0].set(call(denoise, x, sigmas[0]))
     lams = jnp.zeros([order], x.dtype).at[0].set(-jnp.log(sigmas[0]))
@@ -152,5 +126,4 @@ def sample_unipc(
         )
         return new, (x, denoised)
 
-    (x, _, _), traj = scan_steps(step, (x, models, lams), n, return_trajectory, callback, sigmas)
-    return finish(x, traj, return_trajectory)
+    return step, (x, models, lams)
