@@ -83,7 +83,7 @@ def _path(sigma, lo, hi, depth: int) -> tuple[Array, Array]:
 
     def descend(state, k):
         s_a, s_b, c_a, c_b, r_a = state
-        r_mid = r_a + 0.5**k
+        r_mid = r_a + jnp.asarray(0.5, dtype) ** k  # dtype kept under x64 (k is int64 there)
         s_mid = jnp.exp(log_lo + r_mid * log_span)
         c_mid = bridge(c_a, c_b, s_a, s_b, s_mid, k)
         pick = lambda a, b: jnp.where(r >= r_mid, a, b)  # noqa: E731
