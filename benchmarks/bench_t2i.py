@@ -77,14 +77,19 @@ def run(pipe, params, batch: int, size: int, steps: int, repeats: int) -> dict:
                 images_per_s=round(batch / dt, 4), steps_per_s=round(steps / dt, 3))  # fmt: skip
 
 
-def main() -> None:
-    """Parse flags, run each batch size, print one JSON object."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags shared with bench_t2i_vs_diffusers.py."""
     p.add_argument("--full", action="store_true", help="SD 1.5 architecture (GPU)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=2)
+
+
+def main() -> None:
+    """Parse flags, run each batch size, print one JSON object."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
     p.add_argument("--bf16", action="store_true", help="U-Net in bfloat16")
     args = p.parse_args()
     pipe, params = build(args.full, jnp.bfloat16 if args.bf16 else jnp.float32)

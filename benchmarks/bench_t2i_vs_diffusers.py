@@ -139,12 +139,10 @@ def compare(pipe, folder: Path, args) -> list[dict]:
 
 
 def main() -> None:
+    from bench_t2i import add_arguments  # run as benchmarks/<script>: its folder is on the path
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--full", action="store_true", help="SD 1.5 architecture (GPU)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=2)
+    add_arguments(p)
     p.add_argument("--half", action="store_true", help="fp16 (diffusers) / bf16 U-Net (ours)")
     p.add_argument("--vocab", type=Path, default=VOCAB, help="CLIP's bpe_simple_vocab_16e6.txt.gz")
     args = p.parse_args()
