@@ -89,6 +89,39 @@ class DiffusionModel:
     encoder: tuple[str, str] | None = None  # latent model: (VAE preset/config.json, .npz)
     class_names: tuple[str, ...] = ()  # names of the label_dim classes (folder datasets)
 
+    takes_key = False  # types.SampleableModel: its denoiser is deterministic
+
+    # ---- types.SampleableModel: what edm_jax.sample reads
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the sampled images (latents for a latent model)."""
+        return self.img_resolution, self.img_resolution, self.img_channels
+
+    @property
+    def sigma_min(self) -> float:
+        """The preconditioning's lowest noise level."""
+        return float(self.precond.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        """The preconditioning's highest noise level."""
+        return float(self.precond.sigma_max)
+
+    @property
+    def clip_output(self) -> bool:
+        """Pixel models clip their samples to [-1, 1]; latent models (an encoder) do not."""
+        return self.encoder is None
+
+    @property
+    def null_label(self) -> str:
+        """The network's unconditional label for classifier-free guidance ('zero', 'learned')."""
+        return str(getattr(self.net, "null_label", "zero"))  # EDM2's U-Net has no choice
+
+    def round_sigma(self, sigma) -> Array:
+        """The preconditioning's nearest noise level (iDDPM's discrete levels; else identity)."""
+        return self.precond.round_sigma(sigma)
+
     def init(self, rng: Array) -> dict:
         """Float32 parameters pytree, from a batch-1 dummy input."""
         return init_net(self.net, rng)
