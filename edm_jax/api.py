@@ -403,6 +403,6 @@ def load(path, family=None, **pretrained) -> tuple[Any, Any, dict]:
 
         model, params = load_reference(path)
         return model, params, load_reference_npz(path)[0]
-    from edm_jax.checkpoints import load_checkpoint
+    from edm_jax.checkpoint_reader import load_checkpoint
 
     return load_checkpoint(path)
