@@ -19,9 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from edm_jax import guidance, schedules
+from edm_jax import guidance, schedules, sharding
 from edm_jax.checks import check_range, check_scalar, check_seeds
 from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, canonical_name, sampler_info
 from edm_jax.types import Array, SampleableModel
@@ -205,19 +204,6 @@ def _program(model: SampleableModel, spec: _Spec) -> Callable:
     return jax.jit(run)
 
 
-def _mesh(batch: int) -> Mesh | None:
-    """A 1-D mesh over the local devices when the batch splits evenly over them, else None."""
-    devices = jax.local_devices()
-    if len(devices) < 2 or batch % len(devices):
-        return None
-    return Mesh(np.array(devices), ("batch",))
-
-
-def _shard(tree, mesh: Mesh | None, spec: PartitionSpec):
-    """tree placed on the mesh with spec (batch-split or replicated); as is without a mesh."""
-    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
-
-
 def _batch_size(batch_size: int | None, n: int) -> int:
     """Batch size, rounded up to a multiple of the local device count when larger than it."""
     if batch_size is None:
@@ -341,8 +327,8 @@ def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) 
         import tqdm
 
         starts = tqdm.tqdm(starts, unit="batch", desc="sampling")
-    mesh = _mesh(bs)
-    params = _shard(params, mesh, PartitionSpec())  # replicated
+    mesh = sharding.batch_mesh(bs)
+    params = sharding.place(params, mesh, sharding.REPLICATED)
     out = []
     for start in starts:
         chunk = _pad(seeds[start : start + bs], bs)  # [bs]
@@ -352,7 +338,7 @@ def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) 
             if classes is None
             else jnp.asarray(_pad(classes[start : start + bs], bs), jnp.int32)
         )
-        keys, cls = _shard((keys, cls), mesh, PartitionSpec("batch"))
+        keys, cls = sharding.place((keys, cls), mesh, sharding.BATCH)
         images = program(params, keys, cls, jnp.float32(cfg_scale))
         out.append(np.asarray(jax.device_get(images))[: len(seeds[start : start + bs])])
     return np.concatenate(out).astype(np.float32)
