@@ -303,14 +303,8 @@ def sample(
     program = _cached_program(model, spec)
     out = _run_batches(program, rng, params, seed_arr, classes, bs, progress, cfg_scale)
     if model.encoder is not None:  # latent model: decode the latents to images
-        from edm_jax.data.latents import decode_to_unit_range
-
-        out = np.concatenate(
-            [
-                np.asarray(decode_to_unit_range(model.encoder, out[i : i + bs]))
-                for i in range(0, len(out), bs)
-            ]
-        )
+        decode = model.encoder.decode
+        out = np.concatenate([np.asarray(decode(out[i : i + bs])) for i in range(0, len(out), bs)])
     return out
 
 

@@ -61,7 +61,8 @@ class SampleableModel(Protocol):
 
     @property
     def encoder(self) -> Any:
-        """The latent decoder (VAE preset/config.json, .npz) of a latent model, else None."""
+        """A latent model's VAE (``nets.model.LatentEncoder``: ``decode(latents)`` -> images
+        in [-1, 1]), else None."""
         ...
 
     @property

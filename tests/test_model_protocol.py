@@ -20,6 +20,7 @@ from edm_jax import guidance, pretrained, wrappers
 from edm_jax.clip import guidance as clip_guidance
 from edm_jax.clip import model as clip_model
 from edm_jax.nets import kdiff_config, kdiff_models, ldm_unet, vae, vdiffusion
+from edm_jax.nets.model import LatentEncoder
 from edm_jax.nets.presets import build_model
 from edm_jax.precond import IDDPMPrecond
 from edm_jax.sd import pipeline
@@ -68,7 +69,7 @@ def kinds(fixtures_dir) -> dict:
     edm, gd = _edm(), _gd()
     iddpm = build_model("adm", precond="iddpm", img_resolution=8, img_channels=3, **TINY)
     edm2 = build_model("edm2-img512-xs", img_resolution=8, img_channels=4, label_dim=1000)
-    latent = dataclasses.replace(edm2, encoder=("sd-vae-ft-mse", "vae.npz"))
+    latent = dataclasses.replace(edm2, encoder=LatentEncoder("sd-vae-ft-mse", "vae.npz"))
     uncond = build_model("edm2-img512-xs", img_resolution=8, img_channels=4)
     table = wrappers.OpenAIDenoiser(None, wrappers.guided_diffusion_alphas_cumprod("cosine"))
     gd_range = (float(table.sigma_min), float(table.sigma_max))
@@ -167,3 +168,15 @@ def test_api_reads_the_model_interface_directly():
     """api.py takes no attribute of the model through getattr with a silent default."""
     assert _getattr_calls(ROOT / "edm_jax" / "api.py") == []
     assert _getattr_calls(ROOT / "edm_jax" / "guidance.py") == []
+
+
+def test_a_checkpoint_spec_gives_the_latent_encoder_object():
+    """The spec's [VAE, weights] becomes one LatentEncoder (equal to the pair, hashable)."""
+    from edm_jax.nets.spec import model_from_spec
+
+    spec = {"arch": "ddpmpp", "precond": "edm", "img_resolution": 8, "img_channels": 4,
+            "net": dict(TINY), "encoder": ["sd-vae-ft-mse", "vae.npz"]}  # fmt: skip
+    model = model_from_spec(spec)
+    assert isinstance(model.encoder, LatentEncoder) and model.clip_output is False
+    assert model.encoder == ("sd-vae-ft-mse", "vae.npz") and model.encoder.weights == "vae.npz"
+    assert hash(model) == hash(dataclasses.replace(model))  # still a jit cache key
