@@ -51,20 +51,12 @@ def _one_line(e: BaseException) -> str:
     return "error: " + " ".join(text.split())
 
 
-_TYPES = {"int()": "an int", "float": "a float", "bool": "a bool (true/false)"}
-
-
 def _flag_message(text: str) -> str:
-    """absl's flag error without repeated prefixes, naming the config key and expected type."""
+    """absl's flag error without repeated prefixes; an override's error names its key alone."""
     m = re.match(r"flag --config=(\S+): (?:config \1: )?(.*)", text)
     if m:
-        return f"config {m.group(1)}: {m.group(2)}"
-    m = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
-    if m:
-        kind = next((t for k, t in _TYPES.items() if k in m.group(3)), None)
-        if kind:
-            return f"{m.group(1)}={m.group(2)!r} must be {kind}"
-        return f"{m.group(1)}={m.group(2)!r}: {m.group(3)}"
+        override = m.group(2).startswith("config.")  # "config.<key>='v' must be an int"
+        return m.group(2) if override else f"config {m.group(1)}: {m.group(2)}"
     return text
 
 

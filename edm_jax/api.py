@@ -19,12 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from edm_jax import guidance, schedules
+from edm_jax import guidance, schedules, sharding
 from edm_jax.checks import check_range, check_scalar, check_seeds
 from edm_jax.samplers import SAMPLER_INFO, SamplerInfo, canonical_name, sampler_info
-from edm_jax.types import Array
+from edm_jax.types import Array, SampleableModel
 
 __all__ = [
     "check_sample_args", "class_labels", "image_grid", "load", "sample", "sampler_names", "to_uint8",
@@ -106,14 +105,16 @@ def _draw_labels(rng: Array, seeds: Array, label_dim: int) -> Array:
     return jax.vmap(draw)(seeds)
 
 
-def class_labels(rng: Array, model: Any, seeds: Seeds, labels=None) -> np.ndarray | None:
+def class_labels(
+    rng: Array, model: SampleableModel, seeds: Seeds, labels=None
+) -> np.ndarray | None:
     """The class index [N] of each seed (drawn from ``fold_in(rng, seed)`` where not given).
 
     None for unconditional models. ``labels`` as in ``sample``; raises ValueError on a class
     out of range.
     """
     seed_arr = _resolve_seeds(None, seeds)
-    label_dim = int(getattr(model, "label_dim", 0) or 0)
+    label_dim = int(model.label_dim)
     classes = _resolve_labels(labels, len(seed_arr), label_dim, 1.0)
     if classes is None or np.all(classes >= 0):
         return classes
@@ -137,13 +138,7 @@ class _Spec:
     options: tuple  # sorted (name, value) pairs of sampler options
 
 
-def _round_sigma(model) -> Callable | None:
-    """The model's own noise levels (discrete models, e.g. iDDPM): round_sigma, or None."""
-    precond = getattr(model, "precond", None)
-    return getattr(precond, "round_sigma", None) or getattr(model, "round_sigma", None)
-
-
-def _solve(spec: _Spec, denoise: Callable, x: Array, key: Array, round_sigma) -> Array:
+def _solve(spec: _Spec, denoise: Callable, x: Array, key: Array, round_sigma: Callable) -> Array:
     """Run the sampler on one seed's x [1, H, W, C]; its randomness comes from ``key`` only."""
     info = SAMPLER_INFO[spec.sampler]
     lo, hi, n = spec.sigma_min, spec.sigma_max, spec.num_steps
@@ -152,30 +147,30 @@ def _solve(spec: _Spec, denoise: Callable, x: Array, key: Array, round_sigma) ->
         args = (lo, hi, n) if info.takes_n else (lo, hi)
         return info.fn(denoise, x, *args, rng=key, **options)
     sigmas = schedules.karras(n, lo, hi, spec.rho)  # EDM eq. 5
-    if round_sigma is not None:  # discrete models (iDDPM) sample at their own levels
-        sigmas = round_sigma(sigmas).astype(sigmas.dtype)
+    sigmas = round_sigma(sigmas).astype(sigmas.dtype)  # discrete models (iDDPM): their levels
     return info.fn(denoise, x, sigmas, rng=key, **options)
 
 
-def _conditioned(model, params, onehot, guided: bool, cfg_scale, key: Array) -> Callable:
+def _conditioned(
+    model: SampleableModel, params, onehot, guided: bool, cfg_scale, key: Array
+) -> Callable:
     """denoise(x, sigma) with the labels (and classifier-free guidance) closed over; a model
     whose guidance is random (``takes_key``, e.g. CLIP's augmentations) gets the seed's key."""
     denoise = functools.partial(model.denoise, params)
-    if getattr(model, "takes_key", False):
+    if model.takes_key:
         denoise = functools.partial(denoise, key=jax.random.fold_in(key, _KEY_GUIDE))
     if onehot is None:
         return denoise
     if not guided:
         return functools.partial(denoise, labels=onehot)
     # A zero one-hot is the null label unless the network learned its own (then labels=None).
-    batched = getattr(getattr(model, "net", None), "null_label", "zero") == "zero"
-    return guidance.cfg(denoise, cfg_scale, onehot, batched=batched)
+    return guidance.cfg(denoise, cfg_scale, onehot, batched=model.null_label == "zero")
 
 
 _PROGRAMS: dict[tuple, tuple[Any, Callable]] = {}
 
 
-def _cached_program(model, spec: _Spec) -> Callable:
+def _cached_program(model: SampleableModel, spec: _Spec) -> Callable:
     """One jitted program per (model object, spec); the model is held so its id stays valid."""
     entry = _PROGRAMS.get((id(model), spec))
     if entry is None:
@@ -185,14 +180,14 @@ def _cached_program(model, spec: _Spec) -> Callable:
     return entry[1]
 
 
-def _program(model, spec: _Spec) -> Callable:
+def _program(model: SampleableModel, spec: _Spec) -> Callable:
     """Jitted (params, seed keys [B], class idx [B] | None) -> images [B, H, W, C].
 
     The sampler is vmapped over seeds: each sees a batch of one with its own key, so its
     noise (and dpm_adaptive's step sizes) cannot depend on the other seeds, while the
     network still runs on the whole batch.
     """
-    round_sigma = _round_sigma(model)
+    round_sigma = model.round_sigma
 
     def one(params, key, cls, cfg_scale):
         x = jax.random.normal(jax.random.fold_in(key, _KEY_INIT), (1,) + spec.shape)
@@ -207,19 +202,6 @@ def _program(model, spec: _Spec) -> Callable:
         return jnp.clip(out, -1.0, 1.0) if spec.clip else out
 
     return jax.jit(run)
-
-
-def _mesh(batch: int) -> Mesh | None:
-    """A 1-D mesh over the local devices when the batch splits evenly over them, else None."""
-    devices = jax.local_devices()
-    if len(devices) < 2 or batch % len(devices):
-        return None
-    return Mesh(np.array(devices), ("batch",))
-
-
-def _shard(tree, mesh: Mesh | None, spec: PartitionSpec):
-    """tree placed on the mesh with spec (batch-split or replicated); as is without a mesh."""
-    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
 
 
 def _batch_size(batch_size: int | None, n: int) -> int:
@@ -264,38 +246,20 @@ def image_grid(pixels: np.ndarray, cols: int | None = None, min_tile: int = 1) -
     return full.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
-def _model_range(model) -> tuple[float, float]:
-    """The model's own (sigma_min, sigma_max): its preconditioning's, or its own attributes."""
-    source = getattr(model, "precond", None) or model
-    lo, hi = getattr(source, "sigma_min", None), getattr(source, "sigma_max", None)
-    return (0.0 if lo is None else float(lo)), (math.inf if hi is None else float(hi))
-
-
-def _sigma_range(model, sigma_min, sigma_max) -> tuple[float, float]:
+def _sigma_range(model: SampleableModel, sigma_min, sigma_max) -> tuple[float, float]:
     """(sigma_min, sigma_max) clipped to the model's range, as NVlabs/edm ``edm_sampler``."""
     check_range(sigma_min, sigma_max)  # finite, 0 < sigma_min < sigma_max
-    model_lo, model_hi = _model_range(model)
-    lo, hi = max(float(sigma_min), model_lo), min(float(sigma_max), model_hi)
+    lo = max(float(sigma_min), float(model.sigma_min))
+    hi = min(float(sigma_max), float(model.sigma_max))
     if lo >= hi:
         raise ValueError(f"need sigma_min < sigma_max within the model's range; got {lo}, {hi}")
     return lo, hi
 
 
-def _image_shape(model) -> tuple[int, ...]:
-    """(H, W, C) of the model's images."""
-    shape = getattr(model, "image_shape", None)
-    if shape is None:
-        res, ch = getattr(model, "img_resolution", None), getattr(model, "img_channels", None)
-        if res is None or ch is None:
-            raise ValueError("model has no image_shape (or img_resolution/img_channels)")
-        shape = (res, res, ch)
-    return tuple(int(s) for s in shape)
-
-
 def sample(
     rng: Array,
     params: Any,
-    model: Any,
+    model: SampleableModel,
     *,
     num_samples: int | None = None,
     seeds: Seeds | None = None,
@@ -312,9 +276,9 @@ def sample(
 ) -> np.ndarray:
     """Images [N, H, W, C] (numpy float32), one per seed.
 
-    ``model.denoise(params, x, sigma, labels=one_hot)`` is sampled with ``sampler`` (a name
-    in ``sampler_names()``) on the Karras schedule (EDM eq. 5) within the model's own sigma
-    range. ``labels``: None (random class per seed for conditional models), a class index, N
+    ``model`` (a ``types.SampleableModel``): ``model.denoise(params, x, sigma, labels=one_hot)``
+    is sampled with ``sampler`` (a name in ``sampler_names()``) on the Karras schedule (EDM
+    eq. 5), rounded by ``model.round_sigma``, within the model's own sigma range. ``labels``: None (random class per seed for conditional models), a class index, N
     indices or [N, label_dim] one-hot. ``cfg_scale`` != 1 applies classifier-free guidance.
     Seed s draws from ``fold_in(rng, s)`` only, whatever the batch. Outputs are clipped to
     [-1, 1] unless ``model.clip_output`` is False (latent models, wrapped models).
@@ -324,28 +288,23 @@ def sample(
     check_scalar("cfg_scale", cfg_scale)
     check_scalar("rho", rho, positive=True, allow_zero=False)
     seed_arr = _resolve_seeds(num_samples, seeds)
-    label_dim = int(getattr(model, "label_dim", 0) or 0)
+    label_dim = int(model.label_dim)
     _resolve_labels(labels, len(seed_arr), label_dim, cfg_scale)  # validate before compute
     classes = class_labels(rng, model, seed_arr, labels)
-    shape, bs = _image_shape(model), _batch_size(batch_size, len(seed_arr))
+    shape = tuple(int(s) for s in model.image_shape)
+    bs = _batch_size(batch_size, len(seed_arr))
     lo, hi = _sigma_range(model, sigma_min, sigma_max)
     spec = _Spec(
         sampler, shape, label_dim, num_steps, lo, hi, float(rho),
         guided=classes is not None and float(cfg_scale) != 1.0,
-        clip=bool(getattr(model, "clip_output", True)) and not getattr(model, "encoder", None),
+        clip=bool(model.clip_output),
         options=tuple(sorted(sampler_options.items())),
     )  # fmt: skip
     program = _cached_program(model, spec)
     out = _run_batches(program, rng, params, seed_arr, classes, bs, progress, cfg_scale)
-    if getattr(model, "encoder", None):  # latent model: decode the latents to images
-        from edm_jax.data.latents import decode_to_unit_range
-
-        out = np.concatenate(
-            [
-                np.asarray(decode_to_unit_range(model.encoder, out[i : i + bs]))
-                for i in range(0, len(out), bs)
-            ]
-        )
+    if model.encoder is not None:  # latent model: decode the latents to images
+        decode = model.encoder.decode
+        out = np.concatenate([np.asarray(decode(out[i : i + bs])) for i in range(0, len(out), bs)])
     return out
 
 
@@ -362,8 +321,8 @@ def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) 
         import tqdm
 
         starts = tqdm.tqdm(starts, unit="batch", desc="sampling")
-    mesh = _mesh(bs)
-    params = _shard(params, mesh, PartitionSpec())  # replicated
+    mesh = sharding.batch_mesh(bs)
+    params = sharding.place(params, mesh, sharding.REPLICATED)
     out = []
     for start in starts:
         chunk = _pad(seeds[start : start + bs], bs)  # [bs]
@@ -373,7 +332,7 @@ def _run_batches(program, rng, params, seeds, classes, bs, progress, cfg_scale) 
             if classes is None
             else jnp.asarray(_pad(classes[start : start + bs], bs), jnp.int32)
         )
-        keys, cls = _shard((keys, cls), mesh, PartitionSpec("batch"))
+        keys, cls = sharding.place((keys, cls), mesh, sharding.BATCH)
         images = program(params, keys, cls, jnp.float32(cfg_scale))
         out.append(np.asarray(jax.device_get(images))[: len(seeds[start : start + bs])])
     return np.concatenate(out).astype(np.float32)
@@ -424,6 +383,6 @@ def load(path, family=None, **pretrained) -> tuple[Any, Any, dict]:
 
         model, params = load_reference(path)
         return model, params, load_reference_npz(path)[0]
-    from edm_jax.checkpoints import load_checkpoint
+    from edm_jax.checkpoint_reader import load_checkpoint
 
     return load_checkpoint(path)

@@ -29,7 +29,7 @@ Array = jax.Array
 Denoiser = Callable[..., Array]
 
 __all__ = [
-    "ClassifierGuidedModel", "GuidedModel", "autoguidance", "cfg", "cfg_guide", "check_guide",
+    "ClassifierGuidedModel", "GuidedModel", "WrappedModel", "autoguidance", "cfg", "cfg_guide", "check_guide",
     "classifier_guidance", "classifier_log_prob", "gradient_guidance", "vp_c_in",
 ]  # fmt: skip
 
@@ -143,8 +143,8 @@ def _check_interval(interval) -> tuple[float, float]:
 
 def check_guide(main, guide, *, conditional_guide: bool = True) -> None:
     """Raise ValueError unless the guide model fits the main one (geometry, labels)."""
-    for what in ("img_resolution", "img_channels"):
-        a, b = getattr(main, what), getattr(guide, what)
+    names = ("img_resolution", "img_resolution", "img_channels")  # (H, W, C)
+    for what, a, b in zip(names, main.image_shape, guide.image_shape, strict=True):
         if a != b:
             raise ValueError(f"guide {what} {b} != main model's {a}")
     if conditional_guide and guide.label_dim != main.label_dim:
@@ -192,8 +192,62 @@ def gradient_guidance(
     return guided
 
 
+class WrappedModel:
+    """``types.SampleableModel`` of a model that wraps another (``inner``): geometry, labels,
+    sigma range, clipping and latent decoding are the inner model's, passed on explicitly."""
+
+    @property
+    def inner(self) -> Any:
+        """The wrapped model."""
+        raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The inner model's (H, W, C)."""
+        return self.inner.image_shape
+
+    @property
+    def label_dim(self) -> int:
+        """The inner model's number of classes."""
+        return self.inner.label_dim
+
+    @property
+    def sigma_min(self) -> float:
+        """The inner model's lowest noise level."""
+        return self.inner.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        """The inner model's highest noise level."""
+        return self.inner.sigma_max
+
+    @property
+    def clip_output(self) -> bool:
+        """Whether the inner model's samples are clipped to [-1, 1]."""
+        return self.inner.clip_output
+
+    @property
+    def encoder(self) -> Any:
+        """The inner model's latent decoder (None for pixel models)."""
+        return self.inner.encoder
+
+    @property
+    def null_label(self) -> str:
+        """The inner model's unconditional label for classifier-free guidance."""
+        return self.inner.null_label
+
+    @property
+    def takes_key(self) -> bool:
+        """Whether the inner model's denoiser takes a key."""
+        return self.inner.takes_key
+
+    def round_sigma(self, sigma) -> Array:
+        """The inner model's nearest noise level."""
+        return self.inner.round_sigma(sigma)
+
+
 @dataclasses.dataclass(frozen=True)
-class GuidedModel:
+class GuidedModel(WrappedModel):
     """A model whose denoiser is guided by a second model: pass ``(params, guide_params)``.
 
     ``edm_jax.sample(rng, (params, guide_params), GuidedModel(main, guide, 2.0), ...)``
@@ -211,10 +265,10 @@ class GuidedModel:
         _check_scale(self.scale)
         _check_interval(self.interval)
 
-    def __getattr__(self, name):  # geometry, labels, precond of the main model
-        if name.startswith("__") or name in ("main", "guide", "scale", "interval"):
-            raise AttributeError(name)
-        return getattr(self.main, name)
+    @property
+    def inner(self) -> Any:
+        """The main model: geometry, labels and sigma range are its."""
+        return self.main
 
     def denoise(self, params, x, sigma, labels=None, **kw) -> Array:
         """D_guide + scale (D_main - D_guide), labels given to a conditional guide only."""
@@ -291,7 +345,7 @@ def classifier_guidance(
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierGuidedModel:
+class ClassifierGuidedModel(WrappedModel):
     """A model sampled with classifier guidance: pass ``(params, classifier_params)``.
 
     ``edm_jax.sample(rng, (params, cls_params), ClassifierGuidedModel(model, classifier,
@@ -323,10 +377,10 @@ class ClassifierGuidedModel:
         """The classifier's number of classes: sample() draws one per seed."""
         return self.num_classes
 
-    def __getattr__(self, name):  # geometry, sigma range, clipping of the guided model
-        if name.startswith("__") or name in {f.name for f in dataclasses.fields(self)}:
-            raise AttributeError(name)
-        return getattr(self.model, name)
+    @property
+    def inner(self) -> Any:
+        """The guided model: geometry, sigma range and clipping are its."""
+        return self.model
 
     def denoise(self, params, x, sigma, labels=None, **kw) -> Array:
         """D + scale sigma^2 grad_x log p(argmax labels | x; sigma)."""

@@ -398,6 +398,10 @@ class SamplingModel:
     label_dim: int = 0
     clip_output: bool = False
     sigma_range: tuple[float, float] | None = None
+    # types.SampleableModel: pixels or latents as the denoiser makes them, decoded by the caller
+    encoder = None
+    null_label = "zero"  # classifier-free guidance: a zero one-hot row is the null label
+    takes_key = False
 
     @property
     def sigma_min(self) -> float:
@@ -412,6 +416,10 @@ class SamplingModel:
         if self.sigma_range is not None:
             return float(self.sigma_range[1])
         return float(getattr(self.denoiser, "sigma_max", math.inf))
+
+    def round_sigma(self, sigma) -> Array:
+        """Identity: sampled at the schedule's sigmas as they are."""
+        return jnp.asarray(sigma)
 
     def denoise(self, params, x: Array, sigma, labels=None) -> Array:
         """D(x; sigma) with params and labels passed on by keyword."""

@@ -19,6 +19,16 @@ class MixtureModel:
 
     label_dim: int = 2
     image_shape: tuple = (2, 2, 1)
+    # the rest of types.SampleableModel: continuous sigma, unbounded, pixel outputs
+    sigma_min: float = 0.0
+    sigma_max: float = float("inf")
+    clip_output: bool = True
+    encoder = None
+    null_label = "zero"
+    takes_key = False
+
+    def round_sigma(self, sigma):
+        return jnp.asarray(sigma)
 
     def denoise(self, params, x, sigma, labels=None):
         uncond = analytic.mixture_denoiser(params, jnp.array([0.5, 0.5]), STD)(x, sigma)

@@ -96,8 +96,8 @@ def test_graph_reader_sees_known_edges():
     assert "edm_jax.nets.spec" in top["edm_jax.train.loop"]  # from edm_jax.nets.spec import ...
     assert "edm_jax.samplers" in top["edm_jax.api"]  # from edm_jax.samplers import SAMPLER_INFO
     assert "edm_jax.guidance" in top["edm_jax.api"]  # from edm_jax import guidance
-    assert "edm_jax.checkpoints" not in top["edm_jax.api"]  # imported inside load()
-    assert "edm_jax.checkpoints" in every["edm_jax.api"]
+    assert "edm_jax.checkpoint_reader" not in top["edm_jax.api"]  # imported inside load()
+    assert "edm_jax.checkpoint_reader" in every["edm_jax.api"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
@@ -115,6 +115,6 @@ def test_sampling_side_reaches_no_training_module():
     """edm_jax.api and the checkpoint reader (edm_jax.load) import nothing of edm_jax.train,
     even through imports inside functions (old checkpoints are rebuilt by edm_jax.nets.spec)."""
     graph = _graph(_modules(), deferred=True)
-    for start in ("edm_jax.api", "edm_jax.checkpoints"):
+    for start in ("edm_jax.api", "edm_jax.checkpoint_reader"):
         train = sorted(m for m in _reachable(graph, start) if m.startswith("edm_jax.train"))
         assert train == [], f"{start} reaches {train}"

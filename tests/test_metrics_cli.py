@@ -65,6 +65,16 @@ class MixtureModel:
 
     label_dim: int = 0
     image_shape: tuple = (8, 8, 3)
+    # the rest of types.SampleableModel: continuous sigma, unbounded, pixel outputs
+    sigma_min: float = 0.0
+    sigma_max: float = float("inf")
+    clip_output: bool = True
+    encoder = None
+    null_label = "zero"
+    takes_key = False
+
+    def round_sigma(self, sigma):
+        return jnp.asarray(sigma)
 
     def denoise(self, params, x, sigma, labels=None):
         return analytic.mixture_denoiser(params.reshape(2, -1), jnp.array([0.5, 0.5]), 0.3)(

@@ -22,7 +22,7 @@ import pytest
 from train_testlib import ROOT, compile_cache, tiny_config, tree_equal
 
 from edm_jax import api
-from edm_jax.checkpoints import committed_steps, quiet_orbax, read_json_item
+from edm_jax.checkpoint_reader import committed_steps, quiet_orbax, read_json_item
 from edm_jax.nets.spec import model_from_spec
 from edm_jax.train import loop
 from edm_jax.train.checkpoint import CheckpointSaveError, ConfigChangedError
@@ -379,7 +379,7 @@ def test_the_manifest_is_part_of_the_commit(tmp_path):
     """Once orbax has committed an async save, its manifest is there (no finish() needed)."""
     import jax.numpy as jnp
 
-    from edm_jax.checkpoints import verify_manifest
+    from edm_jax.checkpoint_reader import verify_manifest
     from edm_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path)
@@ -410,7 +410,7 @@ def test_every_checkpoint_unreadable_refuses_and_keeps_the_history(interrupted, 
 
 def test_a_reader_keeps_up_with_rotation(interrupted, tmp_path, monkeypatch):
     """While the reader fails on step 5, the run saves step 6 and rotates step 4 away."""
-    from edm_jax import checkpoints
+    from edm_jax import checkpoint_reader as checkpoints
 
     work = _copy(interrupted[0], tmp_path / "w")
     real = checkpoints._read_step

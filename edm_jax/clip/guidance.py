@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edm_jax.clip import model as clip_model
+from edm_jax.guidance import WrappedModel
 from edm_jax.samplers.core import append_dims
 
 Array = jax.Array
@@ -189,7 +190,7 @@ def _sigma_key(key: Array, sigma: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPGuidedModel:
+class CLIPGuidedModel(WrappedModel):
     """A pixel model sampled with CLIP guidance: pass ``(params, clip_params)`` to ``sample``.
 
     ``targets`` [P, D]: normalised CLIP embeddings of the prompts (``text_targets``) with
@@ -206,7 +207,7 @@ class CLIPGuidedModel:
     takes_key = True  # sample() passes the seed's key: the translations are per seed
 
     def __post_init__(self):
-        if getattr(self.model, "encoder", None) is not None:
+        if self.model.encoder is not None:
             raise ValueError("CLIP guidance needs a pixel model; this one samples latents")
         if not math.isfinite(self.scale):
             raise ValueError(f"CLIP guidance scale must be finite, got {self.scale}")
@@ -215,10 +216,10 @@ class CLIPGuidedModel:
                 f"{len(self.weights)} weights for {np.shape(self.targets)[0]} CLIP targets"
             )
 
-    def __getattr__(self, name):  # geometry, labels, sigma range of the guided model
-        if name.startswith("__") or name in {f.name for f in dataclasses.fields(self)}:
-            raise AttributeError(name)
-        return getattr(self.model, name)
+    @property
+    def inner(self) -> Any:
+        """The guided model: geometry, labels and sigma range are its."""
+        return self.model
 
     def denoise(self, params, x, sigma, labels=None, key=None, **kw) -> Array:
         """The CLIP-guided, clamped denoiser output for x [B, H, W, C]."""

@@ -24,7 +24,6 @@ __all__ = [
     "EDM2_RAW_MEAN",
     "EDM2_RAW_STD",
     "LatentCodec",
-    "decode_to_unit_range",
     "final_latents",
     "latent_scale_bias",
     "load_codec",
@@ -131,9 +130,3 @@ def load_codec(encoder: str, weights: str) -> LatentCodec:
     with np.load(weights) as f:
         prefix = "param/" if any(k.startswith("param/") for k in f.files) else ""
     return LatentCodec.edm2(vae, load_vae_npz(vae, weights, prefix))
-
-
-def decode_to_unit_range(encoder: tuple[str, str], latents) -> jax.Array:
-    """Final latents -> images in [-1, 1] (the VAE output clamped to [0, 1], then 2x - 1)."""
-    codec = load_codec(*encoder)
-    return jnp.clip(codec.decode_float(latents), 0, 1) * 2 - 1

@@ -99,11 +99,13 @@ def load_encoder(name: str, weights: str):
 def _sharded_encoder(codec, batch_per_device: int):
     """(global batch, fn(uint8 [B,R,R,3]) -> raw latents), jit-sharded over local devices."""
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
+
+    from edm_jax.sharding import BATCH, REPLICATED, make_mesh
 
     devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("batch",))
-    batch, rep = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+    mesh = make_mesh(devices)  # a mesh on one device too: jit's shardings are built on it
+    batch, rep = NamedSharding(mesh, BATCH), NamedSharding(mesh, REPLICATED)
     params = jax.device_put(codec.params, rep)
     fn = jax.jit(codec._encode, in_shardings=(rep, batch), out_shardings=batch)
     global_batch = batch_per_device * len(devices)

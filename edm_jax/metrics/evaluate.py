@@ -16,9 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from edm_jax import api
+from edm_jax import api, sharding
 from edm_jax.metrics import refs
 from edm_jax.metrics.stats import FeatureStats, InceptionScore, frechet_distance, kid
 
@@ -103,17 +102,6 @@ def check_images(images, where: str = "images") -> np.ndarray:
     return images
 
 
-def _mesh(batch: int) -> Mesh | None:
-    """A 1-D mesh over the local devices when the batch splits evenly over them."""
-    devices = jax.local_devices()
-    return Mesh(np.array(devices), ("batch",)) if batch % len(devices) == 0 else None
-
-
-def _replicate(params, mesh: Mesh | None):
-    """Detector params copied to every device of the mesh (as they are without one)."""
-    return params if mesh is None else jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-
-
 class Scorer:
     """Accumulators of the requested metrics, fed uint8 image batches in seed/index order."""
 
@@ -131,7 +119,7 @@ class Scorer:
         }
         self.kid_features: list[np.ndarray] | None = [] if "kid" in self.metrics else None
         self.inception_score = InceptionScore(num_images) if "is" in self.metrics else None
-        self._mesh = _mesh(batch_size)
+        self._mesh = sharding.batch_mesh(batch_size)
         self._params: dict[str, Any] = {}
 
     def feature_dim(self, metric: str) -> int:
@@ -141,11 +129,10 @@ class Scorer:
     def _run(self, key: str, fn, params, images: np.ndarray) -> np.ndarray:
         """fn(params, images padded to the batch size) split over the devices; real rows only."""
         if key not in self._params:
-            self._params[key] = _replicate(params, self._mesh)
+            self._params[key] = sharding.place(params, self._mesh, sharding.REPLICATED)
         n, bs = len(images), self.batch_size
         padded = np.concatenate([images, np.repeat(images[-1:], bs - n, axis=0)])
-        if self._mesh is not None:
-            padded = jax.device_put(padded, NamedSharding(self._mesh, PartitionSpec("batch")))
+        padded = sharding.place(padded, self._mesh, sharding.BATCH)
         return np.asarray(jax.device_get(fn(self._params[key], padded)))[:n]
 
     def add(self, images, start: int) -> None:

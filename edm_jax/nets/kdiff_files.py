@@ -107,7 +107,7 @@ def export(source: Any, path: str | os.PathLike, dtype: str = "fp16") -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not valid; valid: {sorted(DTYPES)}")
     if isinstance(source, (str, os.PathLike)):
-        from edm_jax.checkpoints import load_checkpoint
+        from edm_jax.checkpoint_reader import load_checkpoint
 
         model, params, _ = load_checkpoint(os.fspath(source))
     else:

@@ -188,6 +188,10 @@ class KDiffusionModel:
     self_cond = False  # the training step's interface: no self-conditioning, no latent encoder
     encoder = None
     class_names: tuple = ()
+    # types.SampleableModel: pixel outputs clipped; an all-zero one-hot row is the null class
+    clip_output = True
+    null_label = "zero"
+    takes_key = False
 
     @property
     def precond(self) -> EDMPrecond:
@@ -196,6 +200,20 @@ class KDiffusionModel:
         return EDMPrecond(
             m.get("sigma_data", 1.0), m.get("sigma_min", 0.0), m.get("sigma_max", float("inf"))
         )
+
+    @property
+    def sigma_min(self) -> float:
+        """The config's lowest noise level (0.0 when not given)."""
+        return float(self.precond.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        """The config's highest noise level (inf when not given)."""
+        return float(self.precond.sigma_max)
+
+    def round_sigma(self, sigma) -> Array:
+        """Identity: k-diffusion's models take continuous sigma."""
+        return self.precond.round_sigma(sigma)
 
     @property
     def label_dim(self) -> int:

@@ -9,7 +9,7 @@ channels) and patching (Luhman & Luhman 2022: p x p patches folded into channels
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -74,6 +74,24 @@ def init_net(net: nn.Module, rng: Array) -> dict:
     return net.init({"params": rng}, *dummy_net_inputs(net))["params"]
 
 
+class LatentEncoder(NamedTuple):
+    """The VAE of a latent model, one object as EDM2's ``encoder``: a preset name or diffusers
+    config.json and its .npz weights; the codec loads on first use (``data.latents``)."""
+
+    name: str
+    weights: str
+
+    def codec(self) -> Any:
+        """The ``data.latents.LatentCodec`` (EDM2 normalisation), loaded once per process."""
+        from edm_jax.data.latents import load_codec
+
+        return load_codec(self.name, self.weights)
+
+    def decode(self, latents) -> Array:
+        """Final latents [B, h, w, C] -> images [B, H, W, 3] in [-1, 1]."""
+        return jnp.clip(self.codec().decode_float(latents), 0, 1) * 2 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
     """A Flax network with its preconditioning, image geometry and conditioning options."""
@@ -86,8 +104,41 @@ class DiffusionModel:
     augment_dim: int = 0
     self_cond: bool = False
     patch_size: int = 1
-    encoder: tuple[str, str] | None = None  # latent model: (VAE preset/config.json, .npz)
+    encoder: LatentEncoder | None = None  # latent model: its VAE
     class_names: tuple[str, ...] = ()  # names of the label_dim classes (folder datasets)
+
+    takes_key = False  # types.SampleableModel: its denoiser is deterministic
+
+    # ---- types.SampleableModel: what edm_jax.sample reads
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the sampled images (latents for a latent model)."""
+        return self.img_resolution, self.img_resolution, self.img_channels
+
+    @property
+    def sigma_min(self) -> float:
+        """The preconditioning's lowest noise level."""
+        return float(self.precond.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        """The preconditioning's highest noise level."""
+        return float(self.precond.sigma_max)
+
+    @property
+    def clip_output(self) -> bool:
+        """Pixel models clip their samples to [-1, 1]; latent models (an encoder) do not."""
+        return self.encoder is None
+
+    @property
+    def null_label(self) -> str:
+        """The network's unconditional label for classifier-free guidance ('zero', 'learned')."""
+        return str(getattr(self.net, "null_label", "zero"))  # EDM2's U-Net has no choice
+
+    def round_sigma(self, sigma) -> Array:
+        """The preconditioning's nearest noise level (iDDPM's discrete levels; else identity)."""
+        return self.precond.round_sigma(sigma)
 
     def init(self, rng: Array) -> dict:
         """Float32 parameters pytree, from a batch-1 dummy input."""

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from edm_jax.nets.model import DiffusionModel
+from edm_jax.nets.model import DiffusionModel, LatentEncoder
 from edm_jax.nets.presets import build_model, net_fields, resolve_arch
 
 __all__ = [
@@ -63,11 +63,11 @@ def model_from_spec(spec: dict) -> Any:
     net = spec.pop("net")
     spec.pop("version", None)
     arch = spec.pop("arch")
-    encoder = spec.pop("encoder", None)  # latent models: (VAE preset or config, weights)
+    encoder = spec.pop("encoder", None)  # latent models: [VAE preset or config, weights]
     names = tuple(spec.pop("class_names", None) or ())  # folder datasets: class names
     model = build_model(arch, **spec, **net)
     model = dataclasses.replace(model, class_names=names) if names else model
-    return dataclasses.replace(model, encoder=tuple(encoder)) if encoder else model
+    return dataclasses.replace(model, encoder=LatentEncoder(*encoder)) if encoder else model
 
 
 def build_model_from_config(config: Any, source: Any) -> DiffusionModel:

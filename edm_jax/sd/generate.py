@@ -18,9 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
-from edm_jax import api
+from edm_jax import api, sharding
 from edm_jax.checks import check_choice
 from edm_jax.samplers import SAMPLER_INFO, canonical_name
 from edm_jax.samplers.checks import check_scalar
@@ -198,14 +197,14 @@ def _img2img(sampler, images, strength, sigmas, size, n) -> tuple[np.ndarray, np
 
 def _run(program, rng, params, seeds, ctx, bs, scale, sigmas, images=None) -> np.ndarray:
     """The program on padded batches of seeds (split over devices); uint8 images of the seeds."""
-    mesh = api._mesh(bs)
-    params = api._shard(params, mesh, PartitionSpec())
+    mesh = sharding.batch_mesh(bs)
+    params = sharding.place(params, mesh, sharding.REPLICATED)
     out = []
     for start in range(0, len(seeds), bs):
         idx = api._pad(np.arange(start, min(start + bs, len(seeds))), bs)
         keys = api._seed_keys(rng, jnp.asarray(seeds[idx] % 2**32, jnp.uint32))
         init = None if images is None else jnp.asarray(images[idx])
-        batch = api._shard((keys, jnp.asarray(ctx[idx]), init), mesh, PartitionSpec("batch"))
+        batch = sharding.place((keys, jnp.asarray(ctx[idx]), init), mesh, sharding.BATCH)
         pixels = program(params, batch[0], batch[1], scale, sigmas, batch[2])
         out.append(api.to_uint8(jax.device_get(pixels))[: min(bs, len(seeds) - start)])
     return np.concatenate(out)

@@ -167,6 +167,13 @@ class TextConditionedModel:
     image_shape: tuple[int, int, int]  # latent (h, w, 4)
     label_dim: int = 0
     clip_output: bool = False
+    encoder = None  # types.SampleableModel: latents out, decoded by pipe.decode
+    null_label = "zero"
+    takes_key = False
+
+    def round_sigma(self, sigma) -> Array:
+        """Identity: sampled at the schedule's sigmas as they are."""
+        return jnp.asarray(sigma)
 
     @property
     def sigma_min(self) -> float:

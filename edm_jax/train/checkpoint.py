@@ -1,4 +1,6 @@
-"""Checkpoints with orbax: state, data position, config and model spec, checked on resume.
+"""The trainer's checkpoint writer (orbax): saves, rotates and restores on resume.
+
+Read-only access without the training stack (``edm_jax.load``) is ``edm_jax.checkpoint_reader``.
 
 Each checkpoint is a step folder under ``<workdir>/checkpoints`` with four items:
 ``state`` (the TrainState pytree: params, EMAs, optimizer state, step, rng), ``data``
@@ -32,7 +34,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from edm_jax.checkpoints import (
+from edm_jax.checkpoint_reader import (
     MANIFEST,
     SPEC_ITEM,
     committed_steps,

@@ -11,6 +11,7 @@ the one loader (the --config flag uses it too).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-from ml_collections.config_flags import config_flags
+from absl import flags
 
 from edm_jax.checks import did_you_mean
 
@@ -333,20 +334,130 @@ def add_net_fields(config: ml_collections.ConfigDict, overrides: list[str]) -> N
         config.model.net[key] = tuple(value) if isinstance(value, list) else value
 
 
-class _AnyConfigParser(config_flags.ConfigFileFlagParser):
-    """config_flags' file parser that also reads .yaml/.json files holding the same keys."""
+class _AnyConfigParser(flags.ArgumentParser):
+    """The --config flag's parser: load_config (.py[:arg], .yaml/.yml, .json), then the
+    ``--<name>.<key>=value`` overrides of argv, typed as the keys' current values; locked."""
 
-    overrides: list[str] = []  # the --config.<key> overrides about to be applied
+    def __init__(self, name: str = "config", lock_config: bool = True, flag_values=None):
+        self.name, self._lock_config = name, lock_config
+        self._flag_values = flag_values  # the flags' home; None: a bare parser (no argv)
+        self.parsing_default = False
 
-    def parse(self, path):
-        """Load path with load_config (.py[:arg], .yaml/.yml, .json), locked."""
-        if not isinstance(path, str):
-            return super().parse(path)
-        config = load_config(path)
-        add_net_fields(config, self.overrides)
+    def parse(self, argument):
+        """The config of ``argument`` with the command line's overrides applied."""
+        argv = self._argv()
+        if self.parsing_default and _spec_index(argv, self.name) >= 0:
+            return None  # the command line names the config: the default is never loaded
+        config = load_config(argument)
+        overrides = _overrides(argv, self.name, config)
+        add_net_fields(config, [path for path, _ in overrides])
+        for path, text in overrides:
+            _apply_override(config, self.name, path, text)
+            flag = f"{self.name}.{path}"
+            if isinstance(_get(config, path), bool) and flag in (self._flag_values or {}):
+                self._flag_values[flag].boolean = True  # absl: --name.key alone is true
         if self._lock_config:
             config.lock()
         return config
+
+    def flag_type(self) -> str:
+        """absl's --help type name."""
+        return "config object"
+
+    def _argv(self) -> list[str]:
+        """The command line (--flagfile expanded) as parsed now; none for a bare parser."""
+        import sys
+
+        if self._flag_values is None:
+            return []
+        return _flag_args(self._flag_values.read_flags_from_files(sys.argv, force_gnu=False))
+
+
+def _flag_args(argv: list[str]) -> list[str]:
+    """The arguments absl reads as flags: those before a '--'."""
+    return argv[: argv.index("--")] if "--" in argv else list(argv)
+
+
+def _spec_index(argv: list[str], name: str) -> int:
+    """Index of the --name / --name=spec argument in argv, -1 if absent."""
+    pattern = re.compile(rf"^--?{re.escape(name)}(=|$)")
+    return next((i for i, a in enumerate(argv) if pattern.match(a)), -1)
+
+
+def _override_names(argv: list[str], name: str) -> list[str]:
+    """Key paths of the --name.<path>[=value] / --noname.<path> arguments, in order."""
+    pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
+    return list(dict.fromkeys(m.group(1) for a in argv if (m := pattern.match(a))))
+
+
+def _overrides(argv: list[str], name: str, config) -> list[tuple[str, str]]:
+    """(key path, text) of each override in argv, the last of a key winning. A bool key
+    alone is 'true' (--no<name>.<key>: 'false'); another key alone takes the next argument."""
+    spec_at = _spec_index(argv, name)
+    pattern = re.compile(rf"^--?(no)?{re.escape(name)}\.([^=]+)(?:=(.*))?$", re.S)
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        m = pattern.match(argv[i])
+        i += 1
+        if not m:
+            continue
+        neg, path, text = m.groups()
+        if 0 <= spec_at and i - 1 < spec_at:
+            raise ValueError(f"{argv[i - 1]} comes before --{name}; give overrides after it")
+        current = _get(config, path)
+        if text is None and (isinstance(current, bool) or neg):
+            text = "false" if neg else "true"
+        elif text is None:
+            if i >= len(argv):
+                raise ValueError(f"{argv[i - 1]} needs a value")
+            text, i = argv[i], i + 1
+        out.pop(path, None)
+        out[path] = text
+    return list(out.items())
+
+
+def _get(config, path: str) -> Any:
+    """config at the dotted path (None where the path is not there yet)."""
+    node: Any = config
+    for key in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _typed(flag: str, current: Any, text: str) -> Any:
+    """An override's text as the type of the key's current value; a tuple, a section or an
+    empty (None) key takes a Python literal, else the text itself."""
+    try:
+        if isinstance(current, bool):
+            if text.lower() in _TRUE + ("t",) or text.lower() in _FALSE + ("f",):
+                return text.lower() in _TRUE + ("t",)
+            raise ValueError
+        if isinstance(current, (int, float, str)):
+            return type(current)(text)
+    except ValueError:
+        kind = "a bool (true/false)" if isinstance(current, bool) else _a(current)
+        raise ValueError(f"{flag}={text!r} must be {kind}") from None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _apply_override(config, name: str, path: str, text: str) -> None:
+    """Set config's key at the dotted path from the command line's text."""
+    check_key_path(config, path)
+    *parents, key = path.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+        node[key] = _typed(f"{name}.{path}", node[key], text)
+    else:  # inside a value (a tuple index...): not a key ml_collections can set
+        raise ValueError(f"{name}.{path}: {'.'.join(parents)} is not a config section")
 
 
 def check_key_path(config: ml_collections.ConfigDict, dotted: str) -> None:
@@ -364,44 +475,36 @@ def check_key_path(config: ml_collections.ConfigDict, dotted: str) -> None:
         node = node[key]
 
 
-class _ConfigFlag(config_flags._ConfigFlag):  # noqa: SLF001 - the only way to swap the parser
-    """config_flags' flag with one clear error for an unknown --config.<key> override."""
-
-    def _parse(self, argument):
-        from absl import flags
-
-        self.parser.overrides = self._GetOverrides(self._GetArgv())
-        try:
-            return super()._parse(argument)
-        except (AttributeError, KeyError) as e:
-            config = self.parser.parse(argument)
-            message = str(e)
-            for path in self._GetOverrides(self._GetArgv()):
-                try:
-                    check_key_path(config, path)
-                except ValueError as bad:
-                    message = str(bad)
-                    break
-        raise flags.IllegalFlagValueError(f"flag --{self.name}: {message}")
-
-
 def define_config_flag(name: str = "config", default: str | None = None, flag_values=None):
-    """An absl flag like config_flags.DEFINE_config_file, reading .py/.yaml/.json by load_config.
+    """An absl flag --name (a config file spec, read by load_config) whose value is the
+    config with the command line's ``--name.<key>=value`` overrides applied, locked.
 
-    Bad files, variants and ``--config.<key>=`` overrides give one "FATAL Flags parsing
+    Only public absl and ml_collections API: the overrides of argv (expanded --flagfile)
+    are defined as flags of their own so that absl accepts them, and applied by the
+    --name flag's parser. Bad files, variants and overrides give one "FATAL Flags parsing
     error" line (with "did you mean") instead of a traceback.
     """
-    from absl import flags
+    import sys
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
-    flag = _ConfigFlag(
-        parser=_AnyConfigParser(name=name, lock_config=True),
-        serializer=flags.ArgumentSerializer(),
-        name=name,
-        default=default,
-        help_string="training config: configs/x.py[:variant], or a .yaml/.json file",
-        flag_values=flag_values,
-    )
+    parser = _AnyConfigParser(name=name, lock_config=True, flag_values=flag_values)
+    argv = _flag_args(flag_values.read_flags_from_files(sys.argv, force_gnu=False))
+    for path in _override_names(argv, name):
+        if f"{name}.{path}" not in flag_values:  # absl parses them; the parser applies them
+            help_string = f"an override of --{name}'s key {path}"
+            override: flags.Flag = flags.Flag(
+                flags.ArgumentParser(), flags.ArgumentSerializer(), f"{name}.{path}", None,
+                help_string,
+            )  # fmt: skip
+            flags.DEFINE_flag(override, flag_values)
+    parser.parsing_default = True
+    try:
+        flag = flags.Flag(
+            parser, flags.ArgumentSerializer(), name, default,
+            "training config: configs/x.py[:variant], or a .yaml/.json file",
+        )  # fmt: skip
+    finally:
+        parser.parsing_default = False
     return flags.DEFINE_flag(flag, flag_values)
 
 

@@ -97,7 +97,12 @@ def to_train_config(values: Mapping, base: ml_collections.ConfigDict) -> ml_coll
 def check_growth(grow_from: str, model: Any) -> None:
     """One clear error, before any compute, unless ``grow_from`` holds a committed k-diffusion
     image_v1 run and ``model`` is an image_v1 network too."""
-    from edm_jax.checkpoints import SPEC_ITEM, committed_steps, locate_checkpoint, read_json_item
+    from edm_jax.checkpoint_reader import (
+        SPEC_ITEM,
+        committed_steps,
+        locate_checkpoint,
+        read_json_item,
+    )
 
     directory, step = locate_checkpoint(grow_from)
     steps = [step] if step is not None else committed_steps(directory)
@@ -120,7 +125,7 @@ def grown_params(grow_from: str, model: Any, rng: Any) -> Any:
     """Progressive growing: the EMA parameters of the image_v1 run in ``grow_from`` carried into
     ``model`` (fewer skip_stages or a smaller patch size; new proj_in, zero proj_out), as
     k-diffusion's set_skip_stages / set_patch_size (``check_growth`` first)."""
-    from edm_jax.checkpoints import load_checkpoint
+    from edm_jax.checkpoint_reader import load_checkpoint
     from edm_jax.nets.kdiff_image_v1 import grow_params
 
     _, ema, _ = load_checkpoint(grow_from)

@@ -27,6 +27,7 @@ from edm_jax.data.kdiff_augment import karras_augment
 from edm_jax.nets.edm2_unet import edm2_logvar
 from edm_jax.nets.kdiff_models import state_dict_prefix
 from edm_jax.nets.spec import KDIFF_ARCH
+from edm_jax.sharding import BATCH, DATA_AXIS, make_mesh
 from edm_jax.train import kdiff_recipe
 from edm_jax.train.state import (
     TrainState,
@@ -85,15 +86,9 @@ class StepConfig:
         )  # fmt: skip
 
 
-def make_mesh(devices=None) -> Mesh:
-    """1-D Mesh named 'data' over the given devices (default: all devices of all hosts)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), ("data",))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over 'data'."""
-    return NamedSharding(mesh, PartitionSpec("data"))
+    return NamedSharding(mesh, BATCH)
 
 
 def _fsdp_spec(shape: tuple, n: int, min_size: int) -> PartitionSpec:
@@ -102,7 +97,7 @@ def _fsdp_spec(shape: tuple, n: int, min_size: int) -> PartitionSpec:
         return PartitionSpec()
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % n == 0:
-            return PartitionSpec(*[("data" if a == axis else None) for a in range(len(shape))])
+            return PartitionSpec(*[(DATA_AXIS if a == axis else None) for a in range(len(shape))])
     return PartitionSpec()
 
 
@@ -123,7 +118,7 @@ def _micro_batches(batch: dict, accum: int, mesh: Mesh) -> dict:
 
     def split(x):
         x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-        spec = PartitionSpec(None, "data", *([None] * (x.ndim - 2)))
+        spec = PartitionSpec(None, DATA_AXIS, *([None] * (x.ndim - 2)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     return jax.tree.map(split, batch)
