@@ -158,7 +158,7 @@ IMAGE_V1_TINY = {"channels": [8, 16, 16], "depths": [1, 1, 1], "mapping_out": 16
 
 
 def test_growing_an_image_v1_run(tmp_path):
-    from edm_jax.checkpoints import load_checkpoint
+    from edm_jax.checkpoint_reader import load_checkpoint
     from edm_jax.train import train
 
     small = _train_config(_tiny("kdiff_digits_8.json", **IMAGE_V1_TINY))
