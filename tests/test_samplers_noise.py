@@ -87,21 +87,17 @@ def test_dpmpp_sde_reads_its_stage_sigmas_from_the_table(sde_runs):
     np.testing.assert_allclose(sde_runs[0]["dpmpp_sde"][0], sde_runs[1], rtol=1e-4, atol=1e-4)
 
 
-def test_brownian_samplers_keep_float32_under_x64():
-    """With jax_enable_x64 on, float32 input stays float32 through the Brownian path (the tree
-    walk's scan carry once turned float64) and gives the values of an x64-off run."""
-    x = jnp.full((2, 3, 3, 1), 4.0, jnp.float32)
-    sigmas = jnp.asarray([4.0, 2.0, 0.5, 0.1, 0.0], jnp.float32)
-
-    def run():
-        return samplers.sample_dpmpp_2m_sde(lambda x, s: 0.5 * x, x, sigmas, rng=jax.random.key(0))
-
-    want = np.asarray(run())
+def test_brownian_path_keeps_float32_under_x64():
+    """With jax_enable_x64 on, a float32 tree walk stays float32 (its scan carry once turned
+    float64 there and dpmpp_sde / 2m_sde / 3m_sde failed) and gives the x64-off values."""
+    args = (jnp.float32(0.7), jnp.float32(0.02), jnp.float32(80.0), 6)
+    want = [np.asarray(a) for a in noise._path(*args)]
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
-        got = run()
+        heap, coef = noise._path(*args)
     finally:
         jax.config.update("jax_enable_x64", previous)
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    assert coef.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(heap), want[0])
+    np.testing.assert_allclose(np.asarray(coef), want[1], rtol=1e-6)
