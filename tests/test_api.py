@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_testlib import SampleableStandIn
 
 from edm_jax import analytic, api
 
@@ -14,21 +15,11 @@ STD = 0.05
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MixtureModel:
+class MixtureModel(SampleableStandIn):
     """Stands in for a DiffusionModel: denoise(params, x, sigma, labels=one_hot)."""
 
     label_dim: int = 2
     image_shape: tuple = (2, 2, 1)
-    # the rest of types.SampleableModel: continuous sigma, unbounded, pixel outputs
-    sigma_min: float = 0.0
-    sigma_max: float = float("inf")
-    clip_output: bool = True
-    encoder = None
-    null_label = "zero"
-    takes_key = False
-
-    def round_sigma(self, sigma):
-        return jnp.asarray(sigma)
 
     def denoise(self, params, x, sigma, labels=None):
         uncond = analytic.mixture_denoiser(params, jnp.array([0.5, 0.5]), STD)(x, sigma)

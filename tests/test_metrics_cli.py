@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_testlib import SampleableStandIn
 
 from edm_jax import analytic, api
 from edm_jax.metrics import __main__ as cli
@@ -60,21 +61,11 @@ def fake_weights(tmp_path, monkeypatch):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MixtureModel:
+class MixtureModel(SampleableStandIn):
     """An exact denoiser of a 2-component Gaussian mixture of 8x8 RGB images (unconditional)."""
 
     label_dim: int = 0
     image_shape: tuple = (8, 8, 3)
-    # the rest of types.SampleableModel: continuous sigma, unbounded, pixel outputs
-    sigma_min: float = 0.0
-    sigma_max: float = float("inf")
-    clip_output: bool = True
-    encoder = None
-    null_label = "zero"
-    takes_key = False
-
-    def round_sigma(self, sigma):
-        return jnp.asarray(sigma)
 
     def denoise(self, params, x, sigma, labels=None):
         return analytic.mixture_denoiser(params.reshape(2, -1), jnp.array([0.5, 0.5]), 0.3)(

@@ -56,3 +56,18 @@ def tree_max_diff(a, b) -> float:
     return max(
         float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(la, lb, strict=True)
     )
+
+
+class SampleableStandIn:
+    """The types.SampleableModel values test stand-in models share: continuous sigma,
+    unbounded, pixel outputs, no encoder, zero-label CFG, a deterministic denoiser."""
+
+    sigma_min = 0.0
+    sigma_max = float("inf")
+    clip_output = True
+    encoder = None
+    null_label = "zero"
+    takes_key = False
+
+    def round_sigma(self, sigma):
+        return jax.numpy.asarray(sigma)
