@@ -15,6 +15,7 @@ conditional / main model, scale 0 the unconditional / guiding one.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Callable
@@ -192,14 +193,14 @@ def gradient_guidance(
     return guided
 
 
-class WrappedModel:
+class WrappedModel(abc.ABC):
     """``types.SampleableModel`` of a model that wraps another (``inner``): geometry, labels,
     sigma range, clipping and latent decoding are the inner model's, passed on explicitly."""
 
     @property
+    @abc.abstractmethod
     def inner(self) -> Any:
-        """The wrapped model."""
-        raise NotImplementedError
+        """The wrapped model (each wrapper names its own)."""
 
     @property
     def image_shape(self) -> tuple[int, ...]:

@@ -253,7 +253,7 @@ def source_files(folder: str | os.PathLike) -> list[Path]:
 def check_tokenizer(folder: str | os.PathLike) -> Path:
     """The tokenizer's merges (merges.txt, else tokenizer.json), checked to give the folder's
     vocabulary (vocab.json, or tokenizer.json's): CLIP's BPE."""
-    from edm_jax.clip.tokenizer import Tokenizer
+    from edm_jax.clip.tokenizer import default_tokenizer
 
     tok = Path(folder) / "tokenizer"
     if (tok / "merges.txt").is_file():
@@ -261,7 +261,7 @@ def check_tokenizer(folder: str | os.PathLike) -> Path:
     else:
         merges = tok / "tokenizer.json"
         vocab = _read_json(merges)["model"]["vocab"]
-    if Tokenizer(merges).encoder != vocab:
+    if default_tokenizer(str(merges)).encoder != vocab:  # the text encoder reuses this one
         raise ValueError(f"{tok}: the vocabulary is not the CLIP vocabulary its merges make")
     return merges
 
